@@ -1,0 +1,43 @@
+"""Device mapping, the CuPy error message and seeded generators."""
+
+import numpy as np
+import pytest
+
+from tinygrad_llm import Tensor, backend
+
+
+def test_device_names():
+    assert backend.normalize_device("CPU") == "cpu"
+    assert backend.normalize_device("cuda:0") == "cuda"
+    with pytest.raises(ValueError, match="expected 'cpu' or 'cuda'"):
+        backend.normalize_device("tpu")
+
+
+@pytest.mark.skipif(backend.cuda_available(), reason="checks the message shown without a GPU")
+def test_cuda_without_cupy_or_gpu_says_how_to_fix_it():
+    with pytest.raises(RuntimeError, match="(pip install|device='cpu')"):
+        Tensor([1.0], device="cuda")
+
+
+def test_manual_seed_makes_random_numbers_repeat():
+    backend.manual_seed(123)
+    first = Tensor.randn(5).numpy()
+    backend.manual_seed(123)
+    np.testing.assert_array_equal(Tensor.randn(5).numpy(), first)
+    backend.manual_seed(124)
+    assert not np.array_equal(Tensor.randn(5).numpy(), first)
+
+
+def test_rng_state_round_trips():
+    backend.manual_seed(5)
+    Tensor.randn(3)
+    state = backend.get_rng_state()
+    expected = Tensor.randn(4).numpy()
+    backend.set_rng_state(state)
+    np.testing.assert_array_equal(Tensor.randn(4).numpy(), expected)
+
+
+def test_scatter_add_adds_repeated_indices():
+    target = np.zeros(3)
+    backend.scatter_add(target, np.array([0, 2, 2, 2]), np.array([1.0, 1.0, 2.0, 3.0]))
+    np.testing.assert_array_equal(target, [1, 0, 6])

@@ -1,0 +1,113 @@
+"""The engine's invariants: accumulation, no_grad, graph freeing, deep graphs, dtypes."""
+
+import gc
+import sys
+import weakref
+
+import numpy as np
+import pytest
+from conftest import DEVICES
+
+from tinygrad_llm import Tensor, backend, no_grad
+from tinygrad_llm import functional as F
+
+pytestmark = pytest.mark.parametrize("device", DEVICES)
+
+
+def test_two_backward_passes_accumulate(device):
+    x = Tensor(np.array([1.0, 2.0, 3.0]), requires_grad=True, device=device)
+    (x * x).sum().backward()
+    (x * x).sum().backward()
+    np.testing.assert_allclose(backend.to_numpy(x.grad), 2 * 2 * np.array([1.0, 2.0, 3.0]))
+
+
+def test_a_tensor_used_twice_gets_both_gradients(device):
+    x = Tensor(np.array([0.5, -1.5]), requires_grad=True, device=device)
+    (x * x + x * 3.0).sum().backward()  # d/dx = 2x + 3
+    np.testing.assert_allclose(backend.to_numpy(x.grad), 2 * np.array([0.5, -1.5]) + 3)
+
+
+def test_leaf_gradients_never_alias_each_other(device):
+    a = Tensor(np.ones(3), requires_grad=True, device=device)
+    b = Tensor(np.ones(3), requires_grad=True, device=device)
+    (a + b).sum().backward()  # Add hands the same array to both inputs
+    a.grad *= 10  # e.g. gradient clipping in place
+    np.testing.assert_array_equal(backend.to_numpy(b.grad), np.ones(3))
+
+
+def test_no_grad_records_nothing(device):
+    x = Tensor(np.ones(3), requires_grad=True, device=device)
+    with no_grad():
+        y = F.gelu(x * 2.0).sum()
+    assert not y.requires_grad and y._ctx is None
+    z = (x * 2.0).sum()
+    assert z.requires_grad and z._ctx is not None  # recording resumes after the block
+
+
+def test_backward_frees_the_graph_and_its_saved_arrays(device):
+    x = Tensor(np.random.default_rng(0).standard_normal(1000), requires_grad=True, device=device)
+    hidden = F.exp(x)
+    saved = weakref.ref(hidden._ctx.y) if device == "cpu" else None
+    loss = (hidden * 2.0).sum()
+    del hidden
+    loss.backward()
+    gc.collect()
+    if saved is not None:
+        assert saved() is None  # the activation that Exp saved is gone
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+def test_retain_graph_allows_a_second_backward(device):
+    x = Tensor(np.array([2.0]), requires_grad=True, device=device)
+    loss = (x * x * x).sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    np.testing.assert_allclose(backend.to_numpy(x.grad), [2 * 3 * 4.0])
+
+
+def test_a_graph_of_ten_thousand_ops_does_not_recurse(device):
+    x = Tensor(np.array([1.0]), requires_grad=True, device=device)
+    y = x
+    for _ in range(10_000):
+        y = y * 1.0001
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(200)  # the engine must not depend on recursion
+    try:
+        y.sum().backward()
+    finally:
+        sys.setrecursionlimit(limit)
+    np.testing.assert_allclose(backend.to_numpy(x.grad), [1.0001 ** 10_000], rtol=1e-9)
+
+
+def test_dtypes_float32_by_default_float64_kept_integers_never_require_grad(device):
+    assert Tensor([1.0, 2.0], device=device).dtype == np.float32
+    assert Tensor(np.zeros(2), device=device).dtype == np.float64
+    assert (Tensor([1.0], device=device) * 3.0).dtype == np.float32  # scalars do not upcast
+    assert F.gelu(Tensor([1.0], device=device)).dtype == np.float32
+    with pytest.raises(ValueError, match="floating-point"):
+        Tensor(np.array([1, 2]), requires_grad=True, device=device)
+
+
+def test_backward_needs_a_gradient_for_non_scalar_outputs(device):
+    x = Tensor(np.ones((2, 2)), requires_grad=True, device=device)
+    with pytest.raises(RuntimeError, match="one-element"):
+        (x * 2.0).backward()
+    (x * 2.0).backward(np.ones((2, 2)))
+    np.testing.assert_array_equal(backend.to_numpy(x.grad), 2 * np.ones((2, 2)))
+
+
+def test_detach_item_numpy_and_methods(device):
+    x = Tensor(np.array([[1.0, 4.0], [9.0, 16.0]]), requires_grad=True, device=device)
+    assert not x.detach().requires_grad
+    assert x.sum().item() == 30.0
+    assert isinstance(x.numpy(), np.ndarray)
+    np.testing.assert_allclose(x.sqrt().numpy(), [[1, 2], [3, 4]])
+    np.testing.assert_allclose((np.ones(2) + x).numpy(), x.numpy() + 1)  # NumPy on the left
+    assert x.reshape(4).shape == (4,) and x.transpose().shape == (2, 2)
+    assert (x > 2.0).numpy().tolist() == [[False, True], [True, True]]
+
+
+def test_to_same_device_is_identity(device):
+    x = Tensor(np.ones(2), device=device)
+    assert x.to(device) is x

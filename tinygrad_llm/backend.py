@@ -1,0 +1,134 @@
+"""Devices, array modules and random generators: the one place that knows NumPy from CuPy.
+
+Every op is written once against an "array module" ``xp`` -- ``numpy`` on the CPU, ``cupy`` on a
+CUDA GPU -- taken from its inputs (the Chainer pattern). CuPy is imported only when a CUDA device
+is first asked for, so a CPU-only machine never needs it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_DTYPE = np.float32  # every float tensor is float32 unless asked otherwise
+
+_cupy = None  # the cupy module, once a CUDA device has been asked for
+_seed = 0  # the seed the generators below were last set from
+_generators: dict = {}  # device name -> random generator of that device's array module
+
+CUPY_HINT = (
+    "Install CuPy for your CUDA version: pip install 'tinygrad_llm[gpu]' (CUDA 12, cupy-cuda12x) "
+    "or pip install cupy-cuda13x (CUDA 13). Or run on the CPU with device='cpu'."
+)
+
+
+def normalize_device(device) -> str:
+    """Map a device name to 'cpu' or 'cuda' ('cuda:0' and 'gpu' are accepted)."""
+    if device is None:
+        return "cpu"
+    name = str(device).lower()
+    if name in ("cpu", "numpy"):
+        return "cpu"
+    if name in ("cuda", "gpu", "cupy") or name.startswith("cuda:"):
+        return "cuda"
+    raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
+
+
+def _load_cupy():
+    """Import CuPy and check that it sees a GPU; raise a message that says how to fix it."""
+    global _cupy
+    if _cupy is not None:
+        return _cupy
+    try:
+        import cupy
+    except ImportError as error:
+        message = f"device='cuda' needs CuPy, which is not installed. {CUPY_HINT}"
+        raise RuntimeError(message) from error
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # CuPy raises its own CUDARuntimeError when no driver is present
+        raise RuntimeError(
+            f"CuPy is installed but could not reach a CUDA GPU ({error}). "
+            "Check the NVIDIA driver, or run with device='cpu'."
+        ) from error
+    if count == 0:
+        raise RuntimeError("CuPy is installed but no CUDA GPU is visible; use device='cpu'.")
+    _cupy = cupy
+    return cupy
+
+
+def cuda_available() -> bool:
+    """True when CuPy imports and sees at least one GPU (never raises)."""
+    try:
+        _load_cupy()
+    except RuntimeError:
+        return False
+    return True
+
+
+def array_module(device: str):
+    """The array module (numpy or cupy) that holds arrays of ``device``."""
+    return np if normalize_device(device) == "cpu" else _load_cupy()
+
+
+def get_array_module(array):
+    """The array module an array belongs to (numpy for NumPy arrays and Python scalars)."""
+    if _cupy is not None and isinstance(array, _cupy.ndarray):
+        return _cupy
+    return np
+
+
+def device_of(array) -> str:
+    """'cuda' for a CuPy array, 'cpu' for anything else."""
+    return "cuda" if get_array_module(array) is not np else "cpu"
+
+
+def to_device(array, device: str):
+    """Return ``array`` on ``device`` (no copy when it is already there)."""
+    device = normalize_device(device)
+    if device == "cpu":
+        return to_numpy(array)
+    return _load_cupy().asarray(array)
+
+
+def to_numpy(array) -> np.ndarray:
+    """Return a NumPy array for a NumPy or CuPy array (copies from the GPU)."""
+    if _cupy is not None and isinstance(array, _cupy.ndarray):
+        return _cupy.asnumpy(array)
+    return np.asarray(array)
+
+
+def manual_seed(seed: int) -> None:
+    """Reseed the random generators of every device (dropout, initialisation, sampling)."""
+    global _seed
+    _seed = int(seed)
+    _generators.clear()
+
+
+def generator(device: str = "cpu"):
+    """The seeded random generator of ``device``: a ``Generator`` of NumPy or CuPy."""
+    device = normalize_device(device)
+    if device not in _generators:
+        xp = array_module(device)
+        _generators[device] = xp.random.default_rng(_seed)
+    return _generators[device]
+
+
+def get_rng_state() -> dict:
+    """The CPU generator's state as a JSON-friendly dict (saved with checkpoints)."""
+    return {"seed": _seed, "cpu": generator("cpu").bit_generator.state}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``get_rng_state`` returned."""
+    manual_seed(state["seed"])
+    generator("cpu").bit_generator.state = state["cpu"]
+
+
+def scatter_add(target, indices, values) -> None:
+    """In place: ``target[indices] += values``, adding up repeated indices (unlike ``+=``)."""
+    if get_array_module(target) is np:
+        np.add.at(target, indices, values)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(target, indices, values)

@@ -1,0 +1,878 @@
+"""Every differentiable operation, each as a ``Function`` with its forward and backward together.
+
+Imported as ``F``. Each op is a small class (the math) plus a lowercase function (the public
+name, with PyTorch's argument order and NumPy's ``axis=``). Bodies use ``xp``, the array module of
+their inputs, so the same code runs on NumPy and CuPy. Backwards may return gradients of the
+broadcast shape: ``tensor.unbroadcast`` sums them back in one place.
+
+Notation in comments: ``g`` is the gradient of the loss with respect to the op's output.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+
+import numpy as np
+
+from . import backend
+from .tensor import Function, Tensor
+
+get_xp = backend.get_array_module
+
+
+def _as_tensor(x, like: Tensor) -> Tensor:
+    """Wrap a Python number or array as a constant on ``like``'s device (numbers take its dtype)."""
+    if isinstance(x, Tensor):
+        return x
+    xp = backend.array_module(like.device)
+    dtype = like.dtype if isinstance(x, (int, float)) else None
+    return Tensor._wrap(xp.asarray(x, dtype=dtype), like.device, False)
+
+
+def _operands(a, b) -> tuple[Tensor, Tensor]:
+    if isinstance(a, Tensor):
+        return a, _as_tensor(b, a)
+    if isinstance(b, Tensor):
+        return _as_tensor(a, b), b
+    raise TypeError("at least one operand must be a Tensor")
+
+
+def _raw(x):
+    """The array of a Tensor, or ``x`` itself (index arrays, masks, targets)."""
+    return x.data if isinstance(x, Tensor) else x
+
+
+# ================================================================ elementwise arithmetic
+class Add(Function):
+    def forward(self, a, b):
+        return a + b
+
+    def backward(self, g):
+        return g, g  # d(a+b)/da = d(a+b)/db = 1
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        return a - b
+
+    def backward(self, g):
+        return g, (-g if self.needs_input_grad[1] else None)
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a * b
+
+    def backward(self, g):
+        # d(ab)/da = b, d(ab)/db = a
+        ga = g * self.b if self.needs_input_grad[0] else None
+        gb = g * self.a if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Div(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a / b
+
+    def backward(self, g):
+        # d(a/b)/da = 1/b, d(a/b)/db = -a/b^2
+        ga = g / self.b if self.needs_input_grad[0] else None
+        gb = -g * self.a / (self.b * self.b) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Neg(Function):
+    def forward(self, x):
+        return -x
+
+    def backward(self, g):
+        return -g
+
+
+def _power(x, p: float):
+    """x ** p with the common exponents as multiplications (NumPy's float power is slow)."""
+    if p == 1:
+        return x
+    if p == 2:
+        return x * x
+    if p == 3:
+        return x * x * x
+    if p == 0.5:
+        return get_xp(x).sqrt(x)
+    if p == -1:
+        return 1 / x
+    return x ** p
+
+
+class Pow(Function):
+    def forward(self, x, exponent):
+        self.x, self.exponent = x, exponent
+        return _power(x, exponent)
+
+    def backward(self, g):
+        # d(x^p)/dx = p x^(p-1)
+        p = self.exponent
+        return g * (p * _power(self.x, p - 1)) if p != 0 else g * 0
+
+
+def add(a, b) -> Tensor:
+    return Add.apply(*_operands(a, b))
+
+
+def sub(a, b) -> Tensor:
+    return Sub.apply(*_operands(a, b))
+
+
+def mul(a, b) -> Tensor:
+    return Mul.apply(*_operands(a, b))
+
+
+def div(a, b) -> Tensor:
+    return Div.apply(*_operands(a, b))
+
+
+def neg(x: Tensor) -> Tensor:
+    return Neg.apply(x)
+
+
+def pow(x: Tensor, exponent: float) -> Tensor:  # noqa: A001 - the name PyTorch uses
+    """x ** exponent for a scalar exponent."""
+    if isinstance(exponent, Tensor) or not np.isscalar(exponent):
+        raise TypeError("pow takes a scalar exponent; use exp(y * log(x)) for a tensor one")
+    return Pow.apply(x, exponent=float(exponent))
+
+
+# ======================================================================= unary math
+class Exp(Function):
+    def forward(self, x):
+        self.y = get_xp(x).exp(x)
+        return self.y
+
+    def backward(self, g):
+        return g * self.y  # d e^x / dx = e^x
+
+
+class Log(Function):
+    def forward(self, x):
+        self.x = x
+        return get_xp(x).log(x)
+
+    def backward(self, g):
+        return g / self.x  # d log x / dx = 1/x
+
+
+class Sqrt(Function):
+    def forward(self, x):
+        self.y = get_xp(x).sqrt(x)
+        return self.y
+
+    def backward(self, g):
+        return g / (2 * self.y)  # d sqrt(x) / dx = 1 / (2 sqrt(x))
+
+
+class Tanh(Function):
+    def forward(self, x):
+        self.y = get_xp(x).tanh(x)
+        return self.y
+
+    def backward(self, g):
+        return g * (1 - self.y * self.y)  # d tanh / dx = 1 - tanh^2
+
+
+def exp(x: Tensor) -> Tensor:
+    return Exp.apply(x)
+
+
+def log(x: Tensor) -> Tensor:
+    return Log.apply(x)
+
+
+def sqrt(x: Tensor) -> Tensor:
+    return Sqrt.apply(x)
+
+
+def tanh(x: Tensor) -> Tensor:
+    return Tanh.apply(x)
+
+
+# ====================================================================== activations
+class ReLU(Function):
+    def forward(self, x):
+        self.positive = x > 0
+        return x * self.positive
+
+    def backward(self, g):
+        return g * self.positive  # slope 1 where x > 0, else 0
+
+
+GELU_C = math.sqrt(2.0 / math.pi)  # Python floats keep float32 arrays float32
+GELU_A = 0.044715
+
+
+class GELU(Function):
+    """GELU, tanh approximation (GPT-2): y = x/2 (1 + tanh(c (x + a x^3)))."""
+
+    def forward(self, x):
+        xp = get_xp(x)
+        inner = x * x  # building u = c x (1 + a x^2) in one buffer
+        inner *= GELU_A * GELU_C
+        inner += GELU_C
+        inner *= x
+        t = xp.tanh(inner, out=inner)
+        self.x, self.t = x, t
+        y = t + 1
+        y *= x
+        y *= 0.5
+        return y
+
+    def backward(self, g):
+        # dy/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2),   t = tanh(u)
+        x, t = self.x, self.t
+        du = x * x
+        du *= 3 * GELU_A * GELU_C
+        du += GELU_C
+        du *= 1 - t * t
+        du *= x
+        du += 1 + t
+        du *= 0.5
+        du *= g
+        return du
+
+
+class SiLU(Function):
+    """SiLU (swish): y = x sigmoid(x)."""
+
+    def forward(self, x):
+        xp = get_xp(x)
+        s = xp.tanh(x * 0.5)  # sigmoid(x) = (1 + tanh(x/2)) / 2 never overflows
+        s += 1
+        s *= 0.5
+        self.x, self.s = x, s
+        return x * s
+
+    def backward(self, g):
+        # dy/dx = s + x s (1 - s) = s (1 + x (1 - s))
+        s = self.s
+        return g * s * (1 + self.x * (1 - s))
+
+
+def relu(x: Tensor) -> Tensor:
+    return ReLU.apply(x)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GELU with GPT-2's tanh approximation."""
+    return GELU.apply(x)
+
+
+def silu(x: Tensor) -> Tensor:
+    return SiLU.apply(x)
+
+
+# ================================================================ matmul and linear
+def _swap_last(a):
+    return a.swapaxes(-1, -2)
+
+
+class MatMul(Function):
+    """a @ b with NumPy semantics: batched over leading dimensions, which broadcast."""
+
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a @ b
+
+    def backward(self, g):
+        # y = a b  =>  da = g b^T,  db = a^T g  (summed over broadcast batch dims by the engine)
+        a, b = self.a, self.b
+        a2 = a[None, :] if a.ndim == 1 else a  # a vector is a (1, n) matrix ...
+        b2 = b[:, None] if b.ndim == 1 else b  # ... and on the right an (n, 1) one
+        if a.ndim == 1:
+            g = g[..., None, :]
+        if b.ndim == 1:
+            g = g[..., None]
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            ga = g @ _swap_last(b2)
+            ga = ga.reshape(ga.shape[:-2] + (-1,)) if a.ndim == 1 else ga
+            ga = ga.sum(axis=tuple(range(ga.ndim - 1))) if a.ndim == 1 else ga
+        if self.needs_input_grad[1]:
+            if b2.ndim == 2 and a2.ndim > 2:  # shared weight: one big GEMM, no (batch, n, m) temp
+                gb = a2.reshape(-1, a2.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+            else:
+                gb = _swap_last(a2) @ g
+            gb = gb.reshape(gb.shape[:-2] + (-1,)).sum(axis=tuple(range(gb.ndim - 2))) \
+                if b.ndim == 1 else gb
+        return ga, gb
+
+
+class Linear(Function):
+    """y = x @ W + b with x (..., in), W (in, out), b (out,) -- GPT-2's layout."""
+
+    def forward(self, x, weight, bias=None):
+        self.x, self.weight = x, weight
+        y = x @ weight
+        if bias is not None:
+            y += bias
+        return y
+
+    def backward(self, g):
+        # dx = g W^T;  dW = x^T g and db = sum(g), both over all leading positions
+        x, weight = self.x, self.weight
+        gx = g @ weight.T if self.needs_input_grad[0] else None
+        g2 = g.reshape(-1, g.shape[-1])
+        gw = x.reshape(-1, x.shape[-1]).T @ g2 if self.needs_input_grad[1] else None
+        if len(self.needs_input_grad) == 2:
+            return gx, gw
+        gb = g2.sum(axis=0) if self.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def matmul(a, b) -> Tensor:
+    return MatMul.apply(*_operands(a, b))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight + bias; x (..., in), weight (in, out), bias (out,) -> (..., out)."""
+    if bias is None:
+        return Linear.apply(x, weight)
+    return Linear.apply(x, weight, bias)
+
+
+# ====================================================================== reductions
+def _normalize_axis(axis, ndim: int) -> tuple:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(a % ndim for a in axes) if ndim else ()
+
+
+def _expand_reduced(g, shape: tuple, axes: tuple, keepdims: bool):
+    """Put back the reduced axes of ``g`` as size-1 dimensions so it broadcasts over ``shape``."""
+    if keepdims:
+        return g
+    return g.reshape(tuple(1 if i in axes else n for i, n in enumerate(shape)))
+
+
+class Sum(Function):
+    def forward(self, x, axis, keepdims):
+        self.shape, self.axes, self.keepdims = x.shape, _normalize_axis(axis, x.ndim), keepdims
+        return x.sum(axis=self.axes, keepdims=keepdims)
+
+    def backward(self, g):
+        # every summed element gets the gradient of the sum
+        g = _expand_reduced(g, self.shape, self.axes, self.keepdims)
+        return get_xp(g).broadcast_to(g, self.shape)
+
+
+class Mean(Function):
+    def forward(self, x, axis, keepdims):
+        self.shape, self.axes, self.keepdims = x.shape, _normalize_axis(axis, x.ndim), keepdims
+        self.count = math.prod(x.shape[a] for a in self.axes)
+        return x.mean(axis=self.axes, keepdims=keepdims)
+
+    def backward(self, g):
+        # each of the n averaged elements gets g / n
+        g = _expand_reduced(g, self.shape, self.axes, self.keepdims) / self.count
+        return get_xp(g).broadcast_to(g, self.shape)
+
+
+class Max(Function):
+    def forward(self, x, axis, keepdims):
+        self.x, self.axes, self.keepdims = x, _normalize_axis(axis, x.ndim), keepdims
+        self.y = x.max(axis=self.axes, keepdims=True)
+        return self.y if keepdims else self.y.reshape(
+            tuple(n for i, n in enumerate(x.shape) if i not in self.axes))
+
+    def backward(self, g):
+        # the gradient flows to the maximum; tied maxima share it equally
+        is_max = self.x == self.y
+        share = is_max / is_max.sum(axis=self.axes, keepdims=True)
+        return _expand_reduced(g, self.x.shape, self.axes, self.keepdims) * share
+
+
+class Var(Function):
+    def forward(self, x, axis, keepdims, ddof):
+        self.axes, self.keepdims = _normalize_axis(axis, x.ndim), keepdims
+        self.centered = x - x.mean(axis=self.axes, keepdims=True)
+        self.divisor = math.prod(x.shape[a] for a in self.axes) - ddof
+        var = (self.centered * self.centered).sum(axis=self.axes, keepdims=keepdims)
+        return var / self.divisor
+
+    def backward(self, g):
+        # var = sum((x - mean)^2) / (n - ddof)  =>  dvar/dx = 2 (x - mean) / (n - ddof)
+        # (the mean's own dependence on x cancels, since sum(x - mean) = 0)
+        g = _expand_reduced(g, self.centered.shape, self.axes, self.keepdims)
+        return g * self.centered * (2.0 / self.divisor)
+
+
+def sum(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
+    return Sum.apply(x, axis=axis, keepdims=keepdims)
+
+
+def mean(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    return Mean.apply(x, axis=axis, keepdims=keepdims)
+
+
+def max(x: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
+    return Max.apply(x, axis=axis, keepdims=keepdims)
+
+
+def var(x: Tensor, axis=None, keepdims: bool = False, ddof: int = 0) -> Tensor:
+    """Variance (NumPy's default ddof=0, the biased estimate layer norm uses)."""
+    return Var.apply(x, axis=axis, keepdims=keepdims, ddof=ddof)
+
+
+# ==================================================================== shape changes
+class Reshape(Function):
+    def forward(self, x, shape):
+        self.shape = x.shape
+        return x.reshape(shape)
+
+    def backward(self, g):
+        return g.reshape(self.shape)
+
+
+class Transpose(Function):
+    def forward(self, x, axes):
+        self.axes = tuple(range(x.ndim))[::-1] if axes is None else tuple(a % x.ndim for a in axes)
+        return x.transpose(self.axes)
+
+    def backward(self, g):
+        return g.transpose(np.argsort(self.axes))  # the inverse permutation
+
+
+def reshape(x: Tensor, shape: tuple) -> Tensor:
+    return Reshape.apply(x, shape=tuple(shape))
+
+
+def transpose(x: Tensor, axes=None) -> Tensor:
+    """Permute axes like ``numpy.transpose`` (reverse them when ``axes`` is None)."""
+    return Transpose.apply(x, axes=None if axes is None else tuple(axes))
+
+
+def permute(x: Tensor, *axes) -> Tensor:
+    return transpose(x, axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes)
+
+
+def swapaxes(x: Tensor, axis1: int, axis2: int) -> Tensor:
+    axes = list(range(x.ndim))
+    axes[axis1], axes[axis2] = axes[axis2], axes[axis1]
+    return transpose(x, axes)
+
+
+class ToDevice(Function):
+    def forward(self, x, device):
+        self.source = backend.device_of(x)
+        return backend.to_device(x, device)
+
+    def backward(self, g):
+        return backend.to_device(g, self.source)
+
+
+def to_device(x: Tensor, device) -> Tensor:
+    """A copy of ``x`` on ``device``; gradients flow back to the original device."""
+    device = backend.normalize_device(device)
+    if device == x.device:
+        return x
+    out = ToDevice.apply(x, device=device)
+    out.device = device
+    return out
+
+
+# ============================================================ indexing and joining
+def _is_advanced(index) -> bool:
+    """Whether an index uses integer/boolean arrays (then positions may repeat)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(not isinstance(p, (int, slice, type(None), type(Ellipsis))) for p in parts)
+
+
+class GetItem(Function):
+    def forward(self, x, index):
+        self.shape, self.dtype, self.index = x.shape, x.dtype, index
+        return x[index]
+
+    def backward(self, g):
+        # route g back to the positions that were read; repeated positions add up
+        xp = get_xp(g)
+        grad = xp.zeros(self.shape, dtype=self.dtype)
+        if _is_advanced(self.index):
+            backend.scatter_add(grad, self.index, g)
+        else:
+            grad[self.index] = g  # basic slicing reads each position at most once
+        return grad
+
+
+def _index_to_device(index, xp):
+    """Move array parts of an index to the array module of the tensor being indexed."""
+    if isinstance(index, tuple):
+        return tuple(_index_to_device(i, xp) for i in index)
+    if isinstance(index, Tensor):
+        index = index.data
+    if isinstance(index, list) or (hasattr(index, "shape") and get_xp(index) is not xp):
+        return xp.asarray(backend.to_numpy(index) if hasattr(index, "shape") else index)
+    return index
+
+
+def getitem(x: Tensor, index) -> Tensor:
+    """x[index] for basic (ints, slices, None, ...) and integer/boolean-array indexing."""
+    return GetItem.apply(x, index=_index_to_device(index, backend.array_module(x.device)))
+
+
+class Concatenate(Function):
+    def forward(self, *arrays, axis):
+        self.axis = axis
+        self.splits = np.cumsum([a.shape[axis] for a in arrays])[:-1].tolist()
+        return get_xp(arrays[0]).concatenate(arrays, axis=axis)
+
+    def backward(self, g):
+        # each input gets back its own slab of g
+        return tuple(get_xp(g).split(g, self.splits, axis=self.axis))
+
+
+class Stack(Function):
+    def forward(self, *arrays, axis):
+        self.axis = axis
+        return get_xp(arrays[0]).stack(arrays, axis=axis)
+
+    def backward(self, g):
+        xp = get_xp(g)
+        return tuple(xp.take(g, i, axis=self.axis) for i in range(g.shape[self.axis]))
+
+
+def concatenate(tensors, axis: int = 0) -> Tensor:
+    tensors = list(tensors)
+    axis = axis % tensors[0].ndim
+    return Concatenate.apply(*tensors, axis=axis)
+
+
+cat = concatenate
+
+
+def stack(tensors, axis: int = 0) -> Tensor:
+    tensors = list(tensors)
+    axis = axis % (tensors[0].ndim + 1)
+    return Stack.apply(*tensors, axis=axis)
+
+
+def split(x: Tensor, split_size_or_sections, axis: int = 0) -> list[Tensor]:
+    """Split like ``torch.split``: an int is the size of each piece, a list the sizes."""
+    length = x.shape[axis]
+    if isinstance(split_size_or_sections, int):
+        sizes = [split_size_or_sections] * (length // split_size_or_sections)
+        if length % split_size_or_sections:
+            sizes.append(length % split_size_or_sections)
+    else:
+        sizes = list(split_size_or_sections)
+        if builtins.sum(sizes) != length:
+            raise ValueError(f"split sizes {sizes} do not add up to {length}")
+    axis = axis % x.ndim
+    pieces, start = [], 0
+    for size in sizes:
+        index = (slice(None),) * axis + (slice(start, start + size),)
+        pieces.append(getitem(x, index))
+        start += size
+    return pieces
+
+
+# ============================================================ selection by a mask
+class Where(Function):
+    def forward(self, a, b, condition):
+        self.condition = condition
+        return get_xp(a).where(condition, a, b)
+
+    def backward(self, g):
+        # each output position came from a (where condition) or from b (elsewhere)
+        xp = get_xp(g)
+        ga = xp.where(self.condition, g, 0) if self.needs_input_grad[0] else None
+        gb = xp.where(self.condition, 0, g) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+def where(condition, a, b) -> Tensor:
+    """Elementwise ``a if condition else b`` (condition: boolean array or Tensor)."""
+    a, b = _operands(a, b)
+    return Where.apply(a, b, condition=_raw(condition))
+
+
+def masked_fill(x: Tensor, mask, value: float) -> Tensor:
+    """``x`` with ``value`` wherever ``mask`` is True (the gradient there is zero)."""
+    return where(mask, value, x)
+
+
+# ===================================================================== softmax family
+class Softmax(Function):
+    def forward(self, x, axis):
+        xp = get_xp(x)
+        y = x - x.max(axis=axis, keepdims=True)  # shift by the max: exp never overflows
+        xp.exp(y, out=y)
+        y /= y.sum(axis=axis, keepdims=True)
+        self.y, self.axis = y, axis
+        return y
+
+    def backward(self, g):
+        # dx = y * (g - sum(g * y)): the Jacobian diag(y) - y y^T applied to g
+        y = self.y
+        return y * (g - (g * y).sum(axis=self.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    def forward(self, x, axis):
+        xp = get_xp(x)
+        shifted = x - x.max(axis=axis, keepdims=True)
+        y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        self.y, self.axis = y, axis
+        return y
+
+    def backward(self, g):
+        # y = x - logsumexp(x)  =>  dx = g - softmax(x) * sum(g)
+        return g - get_xp(g).exp(self.y) * g.sum(axis=self.axis, keepdims=True)
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return Softmax.apply(x, axis=axis)
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return LogSoftmax.apply(x, axis=axis)
+
+
+class CrossEntropy(Function):
+    """Mean negative log-likelihood of integer targets under softmax(logits), fused."""
+
+    def forward(self, logits, targets, ignore_index):
+        xp = get_xp(logits)
+        self.shape = logits.shape
+        logits = logits.reshape(-1, logits.shape[-1])  # (B, T, C) -> (N, C)
+        targets = targets.reshape(-1)  # (B, T) -> (N,)
+        self.valid = targets != ignore_index
+        self.count = int(self.valid.sum())
+        self.rows = xp.arange(targets.shape[0])
+        self.safe_targets = xp.where(self.valid, targets, 0)  # ignored rows read class 0
+        # loss_i = logsumexp(x_i) - x_i[t_i], with the max shifted out for stability
+        probs = logits - logits.max(axis=1, keepdims=True)
+        target_logit = probs[self.rows, self.safe_targets]
+        xp.exp(probs, out=probs)
+        total = probs.sum(axis=1)
+        probs /= total[:, None]
+        self.probs = probs
+        losses = xp.log(total) - target_logit
+        if self.count == 0:
+            return xp.asarray(xp.nan, dtype=logits.dtype)
+        return (losses * self.valid).sum() / self.count
+
+    def backward(self, g):
+        # d loss / d logits_i = (softmax(x_i) - onehot(t_i)) / count on counted rows, 0 elsewhere
+        scale = self.valid * (g / self.count)  # (N,)
+        grad = self.probs * scale[:, None].astype(self.probs.dtype)
+        grad[self.rows, self.safe_targets] -= scale.astype(grad.dtype)
+        return grad.reshape(self.shape)
+
+
+def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy; logits (N, C) or (B, T, C), integer targets (N,) or (B, T).
+
+    Targets equal to ``ignore_index`` are left out of both the sum and the count.
+    """
+    xp = backend.array_module(logits.device)
+    targets = _raw(targets)
+    targets = xp.asarray(targets) if get_xp(targets) is xp else backend.to_device(targets,
+                                                                                  logits.device)
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets of shape {targets.shape} do not match logits of shape "
+                         f"{logits.shape} (expected {logits.shape[:-1]})")
+    return CrossEntropy.apply(logits, targets=targets, ignore_index=ignore_index)
+
+
+# ======================================================================= embedding
+class Embedding(Function):
+    def forward(self, weight, ids):
+        self.ids, self.weight_shape, self.dtype = ids, weight.shape, weight.dtype
+        return weight[ids]  # gather rows: (B, T) ids -> (B, T, C)
+
+    def backward(self, g):
+        # each row of the table gets the sum of the gradients at every position that read it
+        grad = get_xp(g).zeros(self.weight_shape, dtype=self.dtype)
+        backend.scatter_add(grad, self.ids.reshape(-1), g.reshape(-1, self.weight_shape[1]))
+        return grad
+
+
+def embedding(ids, weight: Tensor) -> Tensor:
+    """Rows of ``weight`` (V, C) picked by integer ``ids`` of any shape -> ids.shape + (C,)."""
+    xp = backend.array_module(weight.device)
+    ids = _raw(ids)
+    ids = ids if get_xp(ids) is xp else xp.asarray(backend.to_numpy(ids))
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding ids must be integers, got dtype {ids.dtype}")
+    return Embedding.apply(weight, ids=ids)
+
+
+# =================================================================== normalization
+class LayerNorm(Function):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis."""
+
+    def forward(self, x, weight, bias=None, eps=1e-5):
+        xp = get_xp(x)
+        xhat = x - x.mean(axis=-1, keepdims=True)
+        variance = (xhat * xhat).mean(axis=-1, keepdims=True)
+        rstd = 1 / xp.sqrt(variance + eps)  # (..., 1)
+        xhat *= rstd  # normalized input, (..., C)
+        self.xhat, self.rstd, self.weight = xhat, rstd, weight
+        y = xhat * weight
+        if bias is not None:
+            y += bias
+        return y
+
+    def backward(self, g):
+        # with gx̂ = g * w and averages over the C features:
+        #   dx = rstd * (gx̂ - mean(gx̂) - x̂ * mean(gx̂ * x̂)),  dw = sum(g * x̂),  db = sum(g)
+        xhat, rstd = self.xhat, self.rstd
+        gx = None
+        if self.needs_input_grad[0]:
+            gxhat = g * self.weight
+            gx = gxhat - gxhat.mean(axis=-1, keepdims=True)
+            gxhat *= xhat
+            gx -= xhat * gxhat.mean(axis=-1, keepdims=True)
+            gx *= rstd
+        g2 = g.reshape(-1, g.shape[-1])
+        gw = (g * xhat).reshape(-1, g.shape[-1]).sum(axis=0) if self.needs_input_grad[1] else None
+        if len(self.needs_input_grad) == 2:
+            return gx, gw
+        return gx, gw, (g2.sum(axis=0) if self.needs_input_grad[2] else None)
+
+
+class RMSNorm(Function):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last axis (Llama's norm)."""
+
+    def forward(self, x, weight, eps=1e-6):
+        xp = get_xp(x)
+        rstd = 1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
+        xhat = x * rstd
+        self.xhat, self.rstd, self.weight = xhat, rstd, weight
+        return xhat * weight
+
+    def backward(self, g):
+        # with gx̂ = g * w:  dx = rstd * (gx̂ - x̂ * mean(gx̂ * x̂)),  dw = sum(g * x̂)
+        xhat, rstd = self.xhat, self.rstd
+        gx = None
+        if self.needs_input_grad[0]:
+            gxhat = g * self.weight
+            gx = xhat * (gxhat * xhat).mean(axis=-1, keepdims=True)
+            gx -= gxhat
+            gx *= -rstd
+        gw = (g * xhat).reshape(-1, g.shape[-1]).sum(axis=0) if self.needs_input_grad[1] else None
+        return gx, gw
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Layer normalization over the last axis; x (..., C), weight and bias (C,)."""
+    if bias is None:
+        return LayerNorm.apply(x, weight, eps=eps)
+    return LayerNorm.apply(x, weight, bias, eps=eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMS normalization over the last axis; x (..., C), weight (C,)."""
+    return RMSNorm.apply(x, weight, eps=eps)
+
+
+# ========================================================================= dropout
+def _keep_mask(shape, p: float, dtype, device: str):
+    """Scaled Bernoulli mask: 1/(1-p) with probability 1-p, else 0 (seeded by the backend)."""
+    keep = backend.generator(device).random(shape, dtype=np.float32) >= p
+    return keep.astype(dtype) * (1.0 / (1.0 - p))
+
+
+class Dropout(Function):
+    def forward(self, x, p, device):
+        self.mask = _keep_mask(x.shape, p, x.dtype, device)
+        return x * self.mask
+
+    def backward(self, g):
+        return g * self.mask  # kept units pass the gradient, scaled like the forward
+
+
+def dropout(x: Tensor, p: float = 0.1, training: bool = True) -> Tensor:
+    """Zero each element with probability ``p`` and scale the rest by 1/(1-p); identity in eval."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x
+    return Dropout.apply(x, p=p, device=x.device)
+
+
+# ======================================================================== attention
+def causal_mask(query_length: int, key_length: int, xp=np):
+    """Boolean (Tq, Tk) mask, True where query i may NOT see key j.
+
+    Queries are the last ``query_length`` positions of the keys (bottom-right aligned), so with
+    a KV cache query i sits at position i + Tk - Tq and sees keys 0 .. i + Tk - Tq.
+    """
+    return xp.triu(xp.ones((query_length, key_length), dtype=bool), k=1 + key_length - query_length)
+
+
+class ScaledDotProductAttention(Function):
+    """softmax(q k^T / sqrt(D) + mask) v for q (B, H, Tq, D), k and v (B, H, Tk, D).
+
+    Saves q, k, v, the attention probabilities (B, H, Tq, Tk) and the output: exactly what the
+    backward needs, and no score matrix besides.
+    """
+
+    def forward(self, q, k, v, causal, mask, dropout_p, device):
+        xp = get_xp(q)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        scores = q @ k.swapaxes(-1, -2)  # (B, H, Tq, D) @ (B, H, D, Tk) -> (B, H, Tq, Tk)
+        scores *= scale
+        blocked = causal_mask(q.shape[-2], k.shape[-2], xp) if causal else None
+        if mask is not None:  # user mask: True = may attend (PyTorch's boolean attn_mask)
+            blocked = ~mask if blocked is None else (blocked | ~mask)
+        if blocked is not None:  # a finite minimum: fully masked rows give uniform weights, not NaN
+            xp.copyto(scores, xp.finfo(scores.dtype).min, where=blocked)
+        # softmax over the keys, in place
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = xp.exp(scores, out=scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        self.keep = None
+        if dropout_p > 0:  # dropout on the attention weights (GPT-2's attn_pdrop)
+            self.keep = _keep_mask(probs.shape, dropout_p, probs.dtype, device)
+            out = (probs * self.keep) @ v
+        else:
+            out = probs @ v  # (B, H, Tq, Tk) @ (B, H, Tk, D) -> (B, H, Tq, D)
+        self.q, self.k, self.v, self.probs, self.scale, self.out = q, k, v, probs, scale, out
+        return out
+
+    def backward(self, g):
+        # out = P' v with P' = P * keep;  dv = P'^T g;  dP = (g v^T) * keep
+        # softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(g * out)
+        # (the FlashAttention identity: sum_j P_ij dP_ij = g_i . out_i), then scores = s q k^T:
+        # dq = s dS k,  dk = s dS^T q
+        q, k, v, probs, keep = self.q, self.k, self.v, self.probs, self.keep
+        dropped = probs if keep is None else probs * keep
+        dv = dropped.swapaxes(-1, -2) @ g  # (B, H, Tk, Tq) @ (B, H, Tq, D) -> (B, H, Tk, D)
+        dscores = g @ v.swapaxes(-1, -2)  # (B, H, Tq, Tk)
+        if keep is not None:
+            dscores *= keep
+        dscores -= (g * self.out).sum(axis=-1, keepdims=True)
+        dscores *= probs
+        dscores *= self.scale
+        dq = dscores @ k  # (B, H, Tq, D)
+        dk = dscores.swapaxes(-1, -2) @ q  # (B, H, Tk, D)
+        return dq, dk, dv
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
+                                 dropout_p: float = 0.0) -> Tensor:
+    """Fused attention on (B, H, T, D) tensors.
+
+    Args:
+        causal: each query sees only keys at or before its own position (bottom-right aligned).
+        mask: optional boolean array broadcastable to (B, H, Tq, Tk); True = may attend.
+        dropout_p: dropout on the attention weights (training only; pass 0 in eval).
+    """
+    if mask is not None:
+        xp = backend.array_module(q.device)
+        mask = xp.asarray(_raw(mask), dtype=bool)
+    return ScaledDotProductAttention.apply(q, k, v, causal=causal, mask=mask,
+                                           dropout_p=dropout_p, device=q.device)
