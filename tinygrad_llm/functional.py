@@ -313,16 +313,18 @@ class Linear(Function):
 
     def forward(self, x, weight, bias=None):
         self.x, self.weight = x, weight
-        y = x @ weight
+        # all leading positions as the rows of one matrix: one large GEMM instead of a batch of
+        # small ones (NumPy loops over the batch of a 3-D @ 2-D product)
+        y = x.reshape(-1, x.shape[-1]) @ weight  # (N, in) @ (in, out) -> (N, out)
         if bias is not None:
             y += bias
-        return y
+        return y.reshape(x.shape[:-1] + (weight.shape[1],))
 
     def backward(self, g):
         # dx = g W^T;  dW = x^T g and db = sum(g), both over all leading positions
         x, weight = self.x, self.weight
-        gx = g @ weight.T if self.needs_input_grad[0] else None
-        g2 = g.reshape(-1, g.shape[-1])
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        gx = (g2 @ weight.T).reshape(x.shape) if self.needs_input_grad[0] else None
         gw = x.reshape(-1, x.shape[-1]).T @ g2 if self.needs_input_grad[1] else None
         if len(self.needs_input_grad) == 2:
             return gx, gw

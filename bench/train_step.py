@@ -1,0 +1,160 @@
+"""Time whole training steps (forward, backward, clipping, AdamW) on random tokens.
+
+    python bench/train_step.py                                   # the baby configuration
+    python bench/train_step.py --n_layer 6 --n_head 6 --n_embd 384 --block 256 --batch 8
+
+Prints ``tokens_per_s=<float>``; with PyTorch installed, also the same model and step in PyTorch
+eager (``torch_tokens_per_s=``) and ``ratio=`` (ours / PyTorch). Both use float32 and the same
+number of threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from tinygrad_llm import backend
+from tinygrad_llm import functional as F
+from tinygrad_llm.models.gpt import GPT, GPTConfig
+from tinygrad_llm.optim import AdamW, clip_grad_norm
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n_layer", type=int, default=4)
+    parser.add_argument("--n_head", type=int, default=4)
+    parser.add_argument("--n_embd", type=int, default=128)
+    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=65)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    return parser.parse_args(argv)
+
+
+def batches(args, count):
+    rng = np.random.default_rng(0)
+    return [(rng.integers(0, args.vocab, (args.batch, args.block)),
+             rng.integers(0, args.vocab, (args.batch, args.block))) for _ in range(count)]
+
+
+def time_steps(step, data, warmup, sync=lambda: None) -> float:
+    """Seconds per step, after ``warmup`` untimed steps."""
+    for x, y in data[:warmup]:
+        step(x, y)
+    sync()
+    start = time.perf_counter()
+    for x, y in data[warmup:]:
+        step(x, y)
+    sync()
+    return (time.perf_counter() - start) / (len(data) - warmup)
+
+
+def bench_ours(args, data) -> float:
+    backend.manual_seed(0)
+    config = GPTConfig(vocab_size=args.vocab, context_length=args.block, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd)
+    model = GPT(config).to(args.device)
+    optimizer = AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)
+
+    def step(x, y):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        clip_grad_norm(optimizer.params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    sync = lambda: None  # noqa: E731
+    if backend.normalize_device(args.device) == "cuda":
+        sync = backend.array_module("cuda").cuda.Device().synchronize
+    return time_steps(step, data, args.warmup, sync)
+
+
+def bench_torch(args, data) -> float:
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    device = "cuda" if backend.normalize_device(args.device) == "cuda" else "cpu"
+
+    class Block(nn.Module):
+        def __init__(self, c, h):
+            super().__init__()
+            self.h = h
+            self.ln_1, self.ln_2 = nn.LayerNorm(c), nn.LayerNorm(c)
+            self.c_attn, self.c_proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+            self.fc, self.proj = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+
+        def forward(self, x):
+            b, t, c = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(c, dim=2)
+            q, k, v = (z.view(b, t, self.h, c // self.h).transpose(1, 2) for z in (q, k, v))
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.c_proj(y.transpose(1, 2).reshape(b, t, c))
+            return x + self.proj(nn.functional.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
+
+    class TorchGPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(args.vocab, args.n_embd)
+            self.wpe = nn.Embedding(args.block, args.n_embd)
+            self.h = nn.ModuleList([Block(args.n_embd, args.n_head) for _ in range(args.n_layer)])
+            self.ln_f = nn.LayerNorm(args.n_embd)
+
+        def forward(self, ids):
+            x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+            for block in self.h:
+                x = block(x)
+            return self.ln_f(x) @ self.wte.weight.T  # tied head
+
+    model = TorchGPT().to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                   {"params": other, "weight_decay": 0.0}], lr=1e-4,
+                                  betas=(0.9, 0.99))
+    torch_data = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+                  for x, y in data]
+
+    def step(x, y):
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return time_steps(step, torch_data, args.warmup, sync)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    data = batches(args, args.warmup + args.steps)
+    tokens = args.batch * args.block
+    params = 12 * args.n_layer * args.n_embd ** 2 + (args.vocab + args.block) * args.n_embd
+    print(f"model: {args.n_layer} layers x {args.n_embd} wide, {args.n_head} heads, block "
+          f"{args.block}, batch {args.batch}, vocab {args.vocab} (~{params / 1e6:.2f}M params), "
+          f"device {args.device}")
+    ours = tokens / bench_ours(args, data)
+    print(f"tokens_per_s={ours:.1f}")
+    if args.no_torch:
+        return
+    try:
+        import torch
+    except ImportError:
+        print("(PyTorch not installed: no comparison)")
+        return
+    theirs = tokens / bench_torch(args, data)
+    print(f"torch_tokens_per_s={theirs:.1f}  (PyTorch {torch.__version__} eager, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"ratio={ours / theirs:.3f}")
+
+
+if __name__ == "__main__":
+    main()

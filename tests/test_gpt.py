@@ -1,0 +1,69 @@
+"""The GPT: GPT-2's sizes, causality, initialisation, and a whole-model gradient check."""
+
+import numpy as np
+import pytest
+
+from tinygrad_llm import backend
+from tinygrad_llm import functional as F
+from tinygrad_llm.models.gpt import GPT, GPTConfig, preset
+
+TINY = GPTConfig(vocab_size=11, context_length=8, n_layer=2, n_head=2, n_embd=8)
+
+
+def test_gpt2_preset_has_gpt2s_parameter_count():
+    assert GPT(preset("gpt2")).num_params() == 124_439_808  # with the tied head
+
+
+def test_untied_head_adds_a_vocab_by_width_matrix():
+    tied = GPT(TINY).num_params()
+    untied = GPT(GPTConfig(**{**TINY.to_dict(), "tie_weights": False})).num_params()
+    assert untied - tied == 11 * 8
+
+
+def test_logits_shape_and_causality():
+    backend.manual_seed(0)
+    model = GPT(TINY)
+    ids = np.array([[1, 2, 3, 4, 5], [5, 4, 3, 2, 1]])
+    logits = model(ids).numpy()
+    assert logits.shape == (2, 5, 11)
+    changed = ids.copy()
+    changed[:, 3:] = 0  # change the future: earlier positions must not notice
+    np.testing.assert_allclose(model(changed).numpy()[:, :3], logits[:, :3], rtol=1e-5)
+    assert not np.allclose(model(changed).numpy()[:, 3:], logits[:, 3:])
+
+
+def test_too_long_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="longer than the model's context length 8"):
+        GPT(TINY)(np.zeros((1, 9), dtype=np.int64))
+
+
+def test_residual_projections_are_scaled_at_init():
+    backend.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, context_length=16, n_layer=8, n_head=4, n_embd=64))
+    assert np.std(model.h[0].mlp.c_fc.weight.data) == pytest.approx(0.02, rel=0.05)
+    assert np.std(model.h[0].mlp.c_proj.weight.data) == pytest.approx(0.02 / 4, rel=0.05)
+
+
+def test_whole_model_gradient_matches_finite_differences():
+    """A tiny GPT in float64: d loss / d (random parameter entries) against central differences."""
+    backend.manual_seed(0)
+    config = GPTConfig(**{**TINY.to_dict(), "tie_weights": True, "dropout": 0.0})
+    model = GPT(config).to(dtype=np.float64)
+    rng = np.random.default_rng(1)
+    ids, targets = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
+    F.cross_entropy(model(ids), targets).backward()
+    for name, parameter in model.named_parameters():
+        flat = parameter.data.reshape(-1)
+        for j in rng.choice(flat.size, size=min(3, flat.size), replace=False):
+            def loss_at(value, j=j, flat=flat):
+                original = flat[j]
+                flat[j] = value
+                try:
+                    return F.cross_entropy(model(ids), targets).item()
+                finally:
+                    flat[j] = original
+
+            h = 1e-6
+            numeric = (loss_at(flat[j] + h) - loss_at(flat[j] - h)) / (2 * h)
+            analytic = parameter.grad.reshape(-1)[j]
+            assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8), name

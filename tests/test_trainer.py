@@ -1,0 +1,76 @@
+"""The training loop: it learns, logs, resumes exactly, and stops cleanly on Ctrl-C."""
+
+import numpy as np
+import pytest
+
+from tinygrad_llm import backend
+from tinygrad_llm.checkpoint import load_checkpoint
+from tinygrad_llm.models.gpt import GPT, GPTConfig
+from tinygrad_llm.tokenizer import CharTokenizer
+from tinygrad_llm.trainer import TrainConfig, Trainer, read_metrics
+
+TEXT = "to be or not to be, that is the question. " * 40
+TOKENIZER = CharTokenizer.from_text(TEXT)
+TOKENS = np.array(TOKENIZER.encode(TEXT), dtype=np.uint16)
+MODEL = GPTConfig(vocab_size=TOKENIZER.vocab_size, context_length=16, n_layer=1, n_head=2,
+                  n_embd=16, dropout=0.1)
+
+
+def make_trainer(out_dir, **overrides):
+    backend.manual_seed(0)
+    config = TrainConfig(**{"max_steps": 8, "batch_size": 4, "grad_accum_steps": 2,
+                            "learning_rate": 3e-3, "warmup_steps": 2, "eval_interval": 2,
+                            "eval_batches": 2, "sample_tokens": 8, "seed": 0, **overrides})
+    return Trainer(GPT(MODEL), TOKENIZER, TOKENS[:1500], TOKENS[1500:], config, out_dir,
+                   show_progress=False)
+
+
+def test_training_lowers_the_loss_and_logs_every_evaluation(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=40, eval_interval=10, learning_rate=1e-2)
+    trainer.train()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [10, 20, 30, 40]
+    assert set(records[0]) == {"step", "train_loss", "val_loss", "lr", "tokens_per_s"}
+    assert records[-1]["val_loss"] < records[0]["val_loss"] < np.log(TOKENIZER.vocab_size)
+    assert (tmp_path / "checkpoint" / "model.safetensors").exists()
+
+
+def losses(path):
+    return [(r["step"], r["train_loss"], r["val_loss"], r["lr"]) for r in read_metrics(path)]
+
+
+def test_a_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tmp_path):
+    make_trainer(tmp_path / "straight").train()
+
+    make_trainer(tmp_path / "split").train(until_step=5)  # stops between two evaluations
+    resumed = make_trainer(tmp_path / "split")
+    resumed.resume(load_checkpoint(tmp_path / "split" / "checkpoint"))
+    assert resumed.step == 5
+    resumed.train()
+    assert losses(tmp_path / "split" / "metrics.jsonl") == \
+        losses(tmp_path / "straight" / "metrics.jsonl")
+
+
+def test_ctrl_c_finishes_the_step_and_saves(tmp_path):
+    trainer = make_trainer(tmp_path)
+    original_step = trainer.train_step
+
+    def step_then_interrupt():
+        loss = original_step()
+        if trainer.step == 3:
+            trainer._stop_requested = True  # what the SIGINT handler does
+        return loss
+
+    trainer.train_step = step_then_interrupt
+    trainer.train()
+    assert trainer.step == 3
+    assert load_checkpoint(tmp_path / "checkpoint")["state"]["step"] == 3
+
+
+def test_resuming_from_an_inference_checkpoint_is_refused(tmp_path):
+    from tinygrad_llm.checkpoint import save_model
+
+    trainer = make_trainer(tmp_path)
+    save_model(tmp_path / "plain", trainer.model, TOKENIZER)
+    with pytest.raises(ValueError, match="no training state"):
+        trainer.resume(load_checkpoint(tmp_path / "plain"))

@@ -1,0 +1,5 @@
+"""Model architectures."""
+
+from .gpt import GPT, PRESETS, GPTConfig
+
+__all__ = ["GPT", "GPTConfig", "PRESETS"]

@@ -1,0 +1,169 @@
+"""GPT: the decoder-only transformer of GPT-2, in one reading.
+
+    ids (B, T) -> token embedding + position embedding -> dropout
+              -> n_layer x Block:  x = x + Attention(LayerNorm(x))
+                                   x = x + MLP(LayerNorm(x))
+              -> LayerNorm -> LM head (tied to the token embedding) -> logits (B, T, vocab)
+
+Parameter names follow GPT-2's checkpoints (``wte``, ``h.0.attn.c_attn`` ...), and linear weights
+are (in, out) like theirs, so loading OpenAI's weights is a renaming-free copy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from .. import backend
+from .. import functional as F
+from ..nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from ..tensor import Tensor
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    context_length: int = 1024  # the longest sequence the position table covers
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in linear layers and layer norms (GPT-2: yes)
+    qkv_bias: bool = True  # bias on the query/key/value projection (GPT-2: yes)
+    tie_weights: bool = True  # the LM head reuses the token embedding matrix (GPT-2: yes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown GPT config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+
+# GPT-2's sizes (Radford et al. 2019, and OpenAI's released checkpoints) and small CPU presets.
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # nanoGPT's CPU "baby" Shakespeare model: trains in minutes on a laptop
+    "baby": dict(n_layer=4, n_head=4, n_embd=128, context_length=64),
+    # a slightly larger one: still CPU-friendly
+    "mini": dict(n_layer=6, n_head=6, n_embd=384, context_length=256),
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+class CausalSelfAttention(Module):
+    """Multi-head attention in which each position sees itself and the positions before it."""
+
+    def __init__(self, config: GPTConfig):
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
+        self.n_head = config.n_head
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # q, k, v
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = Dropout(config.dropout)
+
+    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
+        B, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        qkv = self.c_attn(x)  # (B, T, C) -> (B, T, 3C)
+        qkv = qkv.reshape(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # -> (3, B, H, T, D)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, T, D)
+        if cache is not None:  # decoding: prepend the keys and values of earlier positions
+            if "k" in cache:
+                k = F.concatenate([cache["k"], k], axis=2)  # (B, H, T_past + T, D)
+                v = F.concatenate([cache["v"], v], axis=2)
+            cache["k"], cache["v"] = k.detach(), v.detach()
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=p)  # (B, H, T, D)
+        y = y.permute(0, 2, 1, 3).reshape(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(Module):
+    """Position-wise feed-forward network: expand 4x, GELU, project back."""
+
+    def __init__(self, config: GPTConfig):
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> C
+
+
+class Block(Module):
+    """One transformer block, pre-LayerNorm: each sub-layer adds its output to the residual."""
+
+    def __init__(self, config: GPTConfig):
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(Module):
+    """GPT-2 style language model: ids (B, T) -> logits (B, T, vocab_size)."""
+
+    def __init__(self, config: GPTConfig):
+        self.config = config
+        self.wte = Embedding(config.vocab_size, config.n_embd)  # token embedding
+        self.wpe = Embedding(config.context_length, config.n_embd)  # position embedding
+        self.drop = Dropout(config.dropout)
+        self.h = ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = None if config.tie_weights else Linear(config.n_embd, config.vocab_size,
+                                                              bias=False)
+        # GPT-2 initialisation: N(0, 0.02) everywhere (done by the layers), but the projections
+        # that write into the residual stream are scaled by 1/sqrt(2 n_layer), since 2 of them per
+        # block add up along the residual path.
+        std = 0.02 / math.sqrt(2 * config.n_layer)
+        for block in self.h:
+            for layer in (block.attn.c_proj, block.mlp.c_proj):
+                layer.weight.data *= np.float32(std / 0.02)
+
+    def forward(self, ids, caches: list | None = None) -> Tensor:
+        """Logits for every position.
+
+        Args:
+            ids: integer array or Tensor (B, T).
+            caches: one dict per block for KV-cache decoding (see generate.py); positions then
+                continue after the cached ones.
+        """
+        ids = ids.data if isinstance(ids, Tensor) else ids
+        xp = backend.array_module(self.device)
+        ids = xp.asarray(ids) if backend.get_array_module(ids) is xp else \
+            backend.to_device(ids, self.device)
+        B, T = ids.shape
+        start = 0 if not caches or "k" not in caches[0] else caches[0]["k"].shape[2]
+        if start + T > self.config.context_length:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the model's context "
+                             f"length {self.config.context_length}; crop it to the last "
+                             f"{self.config.context_length} tokens")
+        positions = xp.arange(start, start + T)
+        x = self.wte(ids) + self.wpe(positions)  # (B, T, C) + (T, C) -> (B, T, C)
+        x = self.drop(x)
+        for i, block in enumerate(self.h):
+            x = block(x, None if caches is None else caches[i])
+        x = self.ln_f(x)
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        return F.linear(x, self.wte.weight.T)  # (B, T, C) @ (C, V) -> (B, T, V)

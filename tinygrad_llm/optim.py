@@ -1,0 +1,151 @@
+"""Optimizers, gradient clipping and the learning-rate schedule.
+
+Updates run on raw arrays in place (no graph is recorded): each parameter's array is modified
+where it lives, so an optimizer step allocates almost nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import backend
+
+
+class Optimizer:
+    """Holds the parameters that require gradients; ``lr`` may be changed between steps."""
+
+    def __init__(self, params, lr: float):
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("the optimizer got no trainable parameters (all frozen?)")
+        self.lr = lr
+        self.step_count = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        """Arrays of the optimizer's state, named by parameter index (for safetensors)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class SGD(Optimizer):
+    """p -= lr * (g + weight_decay * p), with optional momentum: v = momentum v + g."""
+
+    def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0):
+        super().__init__(params, lr)
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.velocity = [None] * len(self.params)
+
+    def step(self) -> None:
+        self.step_count += 1
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            update = p.grad if self.weight_decay == 0 else p.grad + self.weight_decay * p.data
+            if self.momentum:
+                if self.velocity[i] is None:
+                    self.velocity[i] = update.copy()
+                else:
+                    self.velocity[i] *= self.momentum
+                    self.velocity[i] += update
+                update = self.velocity[i]
+            p.data -= self.lr * update
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
+
+        m = b1 m + (1 - b1) g            first moment (mean of gradients)
+        v = b2 v + (1 - b2) g^2          second moment (uncentered variance)
+        p -= lr * wd * p                 decay, only for matrices (ndim >= 2): not biases or norms
+        p -= lr * m_hat / (sqrt(v_hat) + eps),   m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        super().__init__(params, lr)
+        self.beta1, self.beta2 = betas
+        self.eps, self.weight_decay = eps, weight_decay
+        self.m = [None] * len(self.params)
+        self.v = [None] * len(self.params)
+
+    def step(self) -> None:
+        self.step_count += 1
+        t = self.step_count
+        b1, b2 = self.beta1, self.beta2
+        # fold both bias corrections into one step size and one eps (same math, fewer passes):
+        # m_hat / (sqrt(v_hat) + eps) = (m / c1) / (sqrt(v) / sqrt(c2) + eps)
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+        step_size = self.lr * math.sqrt(c2) / c1
+        eps = self.eps * math.sqrt(c2)
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            xp = backend.get_array_module(g)
+            if self.m[i] is None:
+                self.m[i], self.v[i] = xp.zeros_like(p.data), xp.zeros_like(p.data)
+            m, v = self.m[i], self.v[i]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * (g * g)
+            if self.weight_decay and p.ndim >= 2:
+                p.data *= 1 - self.lr * self.weight_decay
+            denominator = xp.sqrt(v)
+            denominator += eps
+            update = xp.divide(m, denominator, out=denominator)
+            update *= step_size
+            p.data -= update
+
+    def state_dict(self) -> dict:
+        state = {}
+        for i, (m, v) in enumerate(zip(self.m, self.v, strict=True)):
+            if m is not None:
+                state[f"{i}.m"], state[f"{i}.v"] = backend.to_numpy(m), backend.to_numpy(v)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, p in enumerate(self.params):
+            if f"{i}.m" not in state:
+                continue
+            m, v = state[f"{i}.m"], state[f"{i}.v"]
+            if tuple(m.shape) != p.shape:
+                raise ValueError(f"optimizer state {i} has shape {tuple(m.shape)}, parameter has "
+                                 f"{p.shape}: the checkpoint is from another model")
+            self.m[i] = backend.to_device(m, p.device).astype(p.dtype)
+            self.v[i] = backend.to_device(v, p.device).astype(p.dtype)
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Scale all gradients by one factor so that their global L2 norm is at most ``max_norm``.
+
+    Returns the norm before clipping (worth logging: spikes signal instability).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    # sum of squares through a BLAS dot product: no squared temporary per parameter
+    total = math.sqrt(sum(float(backend.get_array_module(g).vdot(g.ravel(), g.ravel()))
+                          for g in grads))
+    if total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for g in grads:
+            g *= scale
+    return total
+
+
+def cosine_schedule(step: int, max_lr: float, min_lr: float, warmup_steps: int,
+                    total_steps: int) -> float:
+    """Learning rate at ``step`` (0-based): linear warmup to max_lr, then cosine decay to min_lr."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)

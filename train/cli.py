@@ -1,0 +1,33 @@
+"""The `tinygrad-llm` command: one sub-command per job.
+
+    tinygrad-llm pretrain   [options]     train a GPT (default: characters of Shakespeare)
+    tinygrad-llm generate   --checkpoint DIR --prompt "..."
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from train import pretrain, sample
+
+COMMANDS = {
+    "pretrain": (pretrain, "pretrain a GPT on a text corpus"),
+    "generate": (sample, "generate text from a checkpoint"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="tinygrad-llm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
