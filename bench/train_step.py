@@ -5,7 +5,8 @@
 
 Prints ``tokens_per_s=<float>``; with PyTorch installed, also the same model and step in PyTorch
 eager (``torch_tokens_per_s=``) and ``ratio=`` (ours / PyTorch). Both use float32 and the same
-number of threads.
+number of threads, in one process. The BLAS kernel NumPy picked is printed too: an environment
+that forces an older one (OPENBLAS_CORETYPE) changes our figure a lot and PyTorch's not at all.
 """
 
 from __future__ import annotations
@@ -133,6 +134,17 @@ def bench_torch(args, data) -> float:
     return time_steps(step, torch_data, args.warmup, sync)
 
 
+def blas_kernel() -> str:
+    """Which BLAS and kernel NumPy runs (via threadpoolctl when installed)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "unknown (pip install threadpoolctl to see it)"
+    infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    return ", ".join(f"{i['internal_api']} {i.get('architecture', '?')} x{i['num_threads']}"
+                     for i in infos) or "unknown"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     data = batches(args, args.warmup + args.steps)
@@ -141,6 +153,7 @@ def main(argv=None) -> None:
     print(f"model: {args.n_layer} layers x {args.n_embd} wide, {args.n_head} heads, block "
           f"{args.block}, batch {args.batch}, vocab {args.vocab} (~{params / 1e6:.2f}M params), "
           f"device {args.device}")
+    print(f"numpy {np.__version__}, BLAS: {blas_kernel()}")
     ours = tokens / bench_ours(args, data)
     print(f"tokens_per_s={ours:.1f}")
     if args.no_torch:

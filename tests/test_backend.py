@@ -41,3 +41,14 @@ def test_scatter_add_adds_repeated_indices():
     target = np.zeros(3)
     backend.scatter_add(target, np.array([0, 2, 2, 2]), np.array([1.0, 1.0, 2.0, 3.0]))
     np.testing.assert_array_equal(target, [1, 0, 6])
+
+
+def test_index_add_rows_matches_add_at_with_repeats():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 7, 50)
+    rows = rng.standard_normal((50, 3))
+    expected = np.zeros((7, 3))
+    np.add.at(expected, ids, rows)
+    target = np.zeros((7, 3))
+    backend.index_add_rows(target, ids, rows)
+    np.testing.assert_allclose(target, expected, rtol=1e-12)

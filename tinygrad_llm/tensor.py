@@ -131,15 +131,14 @@ class Tensor:
         if device is None:
             device = backend.device_of(data)
         device = backend.normalize_device(device)
-        xp = backend.array_module(device)
         if backend.get_array_module(data) is np and not isinstance(data, np.ndarray):
             data = np.asarray(data)  # Python numbers and lists
             if dtype is None and data.dtype == np.float64:
                 dtype = backend.DEFAULT_DTYPE
-        data = backend.to_device(data, device) if xp is not np else data
+        data = backend.to_device(data, device)  # no copy when it is already there
         if dtype is not None and data.dtype != dtype:
             data = data.astype(dtype)
-        if requires_grad and not xp.issubdtype(data.dtype, xp.floating):
+        if requires_grad and not np.issubdtype(data.dtype, np.floating):
             raise ValueError(
                 f"only floating-point tensors can require gradients, got dtype {data.dtype} "
                 "(integer tensors such as token ids never do)"
