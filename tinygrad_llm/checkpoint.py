@@ -111,10 +111,20 @@ def save_model(directory, model, tokenizer, state: dict | None = None, optimizer
 
 
 def load_model(directory, device: str = "cpu"):
-    """Load a GPT checkpoint of this project: returns (model, tokenizer, checkpoint dict)."""
+    """Load a GPT from a checkpoint of this project or a Hugging Face GPT-2 folder.
+
+    Returns (model, tokenizer, checkpoint dict); for a Hugging Face folder the dict holds only
+    its config.
+    """
+    from . import hf
     from .models.gpt import GPT, GPTConfig
     from .tokenizer import tokenizer_from_config
 
+    if hf.is_hf_gpt2_folder(directory):
+        model, tokenizer = hf.load_gpt2(directory, device)
+        return model, tokenizer, {"config": {"model": model.config.to_dict(),
+                                             "tokenizer": tokenizer.to_config()},
+                                  "state": None, "optimizer": None, "weights": None}
     checkpoint = load_checkpoint(directory)
     config = checkpoint["config"]
     if "model" not in config or "tokenizer" not in config:

@@ -120,9 +120,9 @@ class Trainer:
             prompt = self.tokenizer.encode(self.config.sample_prompt) or [0]
         except ValueError:  # a character the corpus never had: start from the first token
             prompt = [0]
-        ids = generate(self.model, [prompt], self.config.sample_tokens, temperature=0.8, top_k=200,
-                       seed=self.config.seed)
-        return self.tokenizer.decode(ids[0])
+        new = generate(self.model, [prompt], self.config.sample_tokens, temperature=0.8, top_k=200,
+                       eos_token=self.tokenizer.eot_token, seed=self.config.seed)
+        return self.tokenizer.decode(prompt + new[0])
 
     # ---------------------------------------------------------------------- checkpoints
     def save(self) -> None:

@@ -1,18 +1,22 @@
 """The `tinygrad-llm` command: one sub-command per job.
 
     tinygrad-llm pretrain   [options]     train a GPT (default: characters of Shakespeare)
-    tinygrad-llm generate   --checkpoint DIR --prompt "..."
+    tinygrad-llm generate   --checkpoint DIR --prompt "..."   (this project's or HF GPT-2)
+    tinygrad-llm chat       --checkpoint DIR                  chat in the terminal
+    tinygrad-llm download   gpt2 --out DIR                    OpenAI's GPT-2 weights
 """
 
 from __future__ import annotations
 
 import argparse
 
-from train import pretrain, sample
+from train import chat, download, pretrain, sample
 
 COMMANDS = {
     "pretrain": (pretrain, "pretrain a GPT on a text corpus"),
     "generate": (sample, "generate text from a checkpoint"),
+    "chat": (chat, "chat with a model in the terminal"),
+    "download": (download, "download GPT-2 weights from the Hugging Face hub"),
 }
 
 

@@ -33,6 +33,7 @@ class GPTConfig:
     bias: bool = True  # biases in linear layers and layer norms (GPT-2: yes)
     qkv_bias: bool = True  # bias on the query/key/value projection (GPT-2: yes)
     tie_weights: bool = True  # the LM head reuses the token embedding matrix (GPT-2: yes)
+    layer_norm_eps: float = 1e-5
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +66,29 @@ def preset(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
+class KVCache:
+    """One layer's keys and values of the positions seen so far, for incremental decoding.
+
+    Buffers of the full context length are allocated once; each step writes its new keys and
+    values after the old ones, so a new token costs one position instead of the whole sequence.
+    """
+
+    def __init__(self, batch: int, n_head: int, context_length: int, head_dim: int, xp, dtype):
+        self.k = xp.zeros((batch, n_head, context_length, head_dim), dtype=dtype)
+        self.v = xp.zeros_like(self.k)
+        self.length = 0  # positions filled
+
+    def append(self, k, v) -> tuple:
+        """Store k, v (B, H, T, D) after the cached ones; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache full: {end} positions > context length {self.k.shape[2]}")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, H, T_past + T, D)
+
+
 class CausalSelfAttention(Module):
     """Multi-head attention in which each position sees itself and the positions before it."""
 
@@ -77,20 +101,18 @@ class CausalSelfAttention(Module):
         self.dropout = config.dropout
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, key_mask=None) -> Tensor:
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
         qkv = self.c_attn(x)  # (B, T, C) -> (B, T, 3C)
         qkv = qkv.reshape(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # -> (3, B, H, T, D)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, T, D)
-        if cache is not None:  # decoding: prepend the keys and values of earlier positions
-            if "k" in cache:
-                k = F.concatenate([cache["k"], k], axis=2)  # (B, H, T_past + T, D)
-                v = F.concatenate([cache["v"], v], axis=2)
-            cache["k"], cache["v"] = k.detach(), v.detach()
+        if cache is not None:  # decoding: attend to the cached positions too (no gradient)
+            k_all, v_all = cache.append(k.data, v.data)
+            k, v = Tensor(k_all), Tensor(v_all)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=p)  # (B, H, T, D)
-        y = y.permute(0, 2, 1, 3).reshape(B, T, C)  # re-assemble the heads side by side
+        y = F.scaled_dot_product_attention(q, k, v, causal=True, mask=key_mask, dropout_p=p)
+        y = y.permute(0, 2, 1, 3).reshape(B, T, C)  # (B, H, T, D) -> heads side by side (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -110,13 +132,13 @@ class Block(Module):
     """One transformer block, pre-LayerNorm: each sub-layer adds its output to the residual."""
 
     def __init__(self, config: GPTConfig):
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: Tensor, cache: KVCache | None = None, key_mask=None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, key_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -129,7 +151,7 @@ class GPT(Module):
         self.wpe = Embedding(config.context_length, config.n_embd)  # position embedding
         self.drop = Dropout(config.dropout)
         self.h = ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = LayerNorm(config.n_embd, config.layer_norm_eps, bias=config.bias)
         self.lm_head = None if config.tie_weights else Linear(config.n_embd, config.vocab_size,
                                                               bias=False)
         # GPT-2 initialisation: N(0, 0.02) everywhere (done by the layers), but the projections
@@ -140,30 +162,56 @@ class GPT(Module):
             for layer in (block.attn.c_proj, block.mlp.c_proj):
                 layer.weight.data *= np.float32(std / 0.02)
 
-    def forward(self, ids, caches: list | None = None) -> Tensor:
-        """Logits for every position.
+    def new_kv_cache(self, batch: int) -> list[KVCache]:
+        """Empty KV caches, one per block, for ``batch`` sequences (see generate.py)."""
+        c = self.config
+        xp = backend.array_module(self.device)
+        return [KVCache(batch, c.n_head, c.context_length, c.n_embd // c.n_head, xp,
+                        self.wte.weight.dtype) for _ in range(c.n_layer)]
+
+    def forward(self, ids, caches: list[KVCache] | None = None, positions=None, padding_mask=None,
+                last_only: bool = False) -> Tensor:
+        """Logits for every position (or only the last).
 
         Args:
             ids: integer array or Tensor (B, T).
-            caches: one dict per block for KV-cache decoding (see generate.py); positions then
-                continue after the cached ones.
+            caches: from ``new_kv_cache``: earlier positions are read from them, and these
+                positions are added to them (incremental decoding).
+            positions: (B, T) position ids; default 0..T-1, after any cached positions.
+            padding_mask: (B, T_keys) bool, False at padding (left-padded batches), covering the
+                cached positions and these.
+            last_only: compute logits for the last position only (B, 1, V): what sampling needs.
         """
-        ids = ids.data if isinstance(ids, Tensor) else ids
         xp = backend.array_module(self.device)
-        ids = xp.asarray(ids) if backend.get_array_module(ids) is xp else \
-            backend.to_device(ids, self.device)
+        ids = _on_device(ids, xp, self.device)
         B, T = ids.shape
-        start = 0 if not caches or "k" not in caches[0] else caches[0]["k"].shape[2]
+        start = caches[0].length if caches else 0
         if start + T > self.config.context_length:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's context "
                              f"length {self.config.context_length}; crop it to the last "
                              f"{self.config.context_length} tokens")
-        positions = xp.arange(start, start + T)
-        x = self.wte(ids) + self.wpe(positions)  # (B, T, C) + (T, C) -> (B, T, C)
+        if positions is None:
+            positions = xp.arange(start, start + T)  # (T,), the same for every row
+        else:
+            positions = _on_device(positions, xp, self.device)
+        key_mask = None
+        if padding_mask is not None:  # (B, Tk) -> (B, 1, 1, Tk): no query attends to padding
+            key_mask = _on_device(padding_mask, xp, self.device)[:, None, None, :]
+        x = self.wte(ids) + self.wpe(positions)  # (B, T, C) + (T, C) or (B, T, C) -> (B, T, C)
         x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, None if caches is None else caches[i])
+            x = block(x, None if caches is None else caches[i], key_mask)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.ln_f(x)
         if self.lm_head is not None:
             return self.lm_head(x)
         return F.linear(x, self.wte.weight.T)  # (B, T, C) @ (C, V) -> (B, T, V)
+
+
+def _on_device(array, xp, device):
+    """An integer array (or Tensor) as an array of the model's device."""
+    array = array.data if isinstance(array, Tensor) else array
+    if backend.get_array_module(array) is xp:
+        return xp.asarray(array)
+    return backend.to_device(array, device)

@@ -1,0 +1,126 @@
+"""Sampling and decoding: the sampler's distributions, KV cache = recomputation, batching,
+stopping, streaming and cropping."""
+
+import numpy as np
+import pytest
+
+from tinygrad_llm import backend
+from tinygrad_llm.generate import (
+    generate,
+    generate_text,
+    generate_tokens,
+    sample_next,
+    stream_text,
+)
+from tinygrad_llm.models.gpt import GPT, GPTConfig
+from tinygrad_llm.tensor import no_grad
+from tinygrad_llm.tokenizer import CharTokenizer
+
+CONFIG = GPTConfig(vocab_size=13, context_length=12, n_layer=2, n_head=2, n_embd=16)
+
+
+@pytest.fixture(scope="module")
+def model():
+    backend.manual_seed(3)
+    m = GPT(CONFIG)
+    for p in m.parameters():  # larger weights: sharper, more varied predictions
+        p.data *= 8
+    return m
+
+
+def frequencies(logits, n=20000, **kwargs):
+    rng = np.random.default_rng(0)
+    draws = sample_next(np.repeat(logits[None], n, axis=0), rng, **kwargs)
+    return np.bincount(draws, minlength=logits.size) / n
+
+
+LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.07, 0.03]))
+
+
+def test_greedy_and_top_k_1_take_the_argmax():
+    logits = np.random.default_rng(0).standard_normal((4, 9))
+    rng = np.random.default_rng(0)
+    assert np.array_equal(sample_next(logits, rng, temperature=0), logits.argmax(-1))
+    assert np.array_equal(sample_next(logits, rng, temperature=1.0, top_k=1), logits.argmax(-1))
+
+
+def test_sampling_follows_the_temperature_scaled_softmax():
+    for temperature in (1.0, 0.5, 2.0):
+        expected = np.exp(LOGITS / temperature)
+        expected /= expected.sum()
+        np.testing.assert_allclose(frequencies(LOGITS, temperature=temperature), expected,
+                                   atol=0.015)
+
+
+def test_top_k_and_top_p_keep_only_the_most_likely():
+    np.testing.assert_allclose(frequencies(LOGITS, top_k=2), [2 / 3, 1 / 3, 0, 0, 0], atol=0.015)
+    # nucleus 0.8: 0.5 + 0.25 < 0.8, so the third token (0.15) is needed, the rest dropped
+    np.testing.assert_allclose(frequencies(LOGITS, top_p=0.8), [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9,
+                                                                0, 0], atol=0.015)
+    assert frequencies(LOGITS, top_p=0.3)[0] == 1.0  # the top token alone already covers p
+
+
+def test_seed_makes_sampling_reproducible(model):
+    prompts = [[1, 2, 3]]
+    first = generate(model, prompts, 8, temperature=1.0, seed=5)
+    assert generate(model, prompts, 8, temperature=1.0, seed=5) == first
+    assert any(generate(model, prompts, 8, temperature=1.0, seed=s) != first for s in range(6, 9))
+
+
+def test_kv_cache_gives_the_tokens_of_full_recomputation(model):
+    prompts = [[1, 5, 2], [7], [3, 3, 3, 3, 3, 8]]
+    # 10 new tokens: the longest sequence outgrows the 12-token window (cropping included)
+    cached = generate(model, prompts, 10, temperature=0, use_cache=True)
+    recomputed = generate(model, prompts, 10, temperature=0, use_cache=False)
+    assert cached == recomputed
+    assert len(set(map(tuple, cached))) > 1  # the prompts really lead to different outputs
+
+
+def test_kv_cache_logits_match_a_full_forward(model):
+    ids = np.array([[4, 1, 7, 7, 2, 9]])
+    with no_grad():
+        full = model(ids).numpy()
+        caches = model.new_kv_cache(1)
+        prefix = model(ids[:, :4], caches).numpy()
+        steps = [model(ids[:, t:t + 1], caches).numpy() for t in (4, 5)]
+    np.testing.assert_allclose(np.concatenate([prefix] + steps, axis=1), full, rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_a_batch_gives_each_prompt_what_it_gets_alone(model):
+    prompts = [[2, 4, 6, 8], [1], [5, 3]]
+    together = generate(model, prompts, 6, temperature=0)
+    alone = [generate(model, [p], 6, temperature=0)[0] for p in prompts]
+    assert together == alone
+
+
+def test_each_sequence_stops_at_end_of_text(model):
+    prompts = [[1, 2], [3, 4], [5]]
+    free = generate(model, prompts, 8, temperature=0)
+    eos = free[0][2]  # a token the first sequence emits (at step 3 or earlier)
+    stopped = generate(model, prompts, 8, temperature=0, eos_token=eos)
+    for row, tokens in enumerate(free):
+        cut = tokens.index(eos) if eos in tokens else len(tokens)
+        assert stopped[row] == tokens[:cut]
+    steps = list(generate_tokens(model, [[1, 2]], 8, temperature=0, eos_token=eos))
+    first_eos = free[0].index(eos) + 1
+    assert len(steps) == first_eos and steps[-1][1].all()  # no step after all are finished
+
+
+def test_long_prompts_are_cropped_to_the_window(model):
+    long_prompt = list(np.random.default_rng(0).integers(0, 13, 40))
+    out = generate(model, [long_prompt], 3, temperature=0)
+    assert out == generate(model, [long_prompt[-12:]], 3, temperature=0)
+
+
+def test_stop_strings_and_streaming(model):
+    tokenizer = CharTokenizer("abcdefghijklm")
+    free = generate_text(model, tokenizer, "abc", 10, temperature=0)
+    stop = free[3:5]
+    assert generate_text(model, tokenizer, "abc", 10, temperature=0, stop=[stop]) == \
+        free[:free.index(stop)]
+    pieces = list(stream_text(model, tokenizer, "abc", 10, temperature=0))
+    assert len(pieces) > 1 and "".join(pieces) == free
+    streamed = "".join(stream_text(model, tokenizer, "abc", 10, temperature=0, stop=[stop]))
+    assert streamed == free[:free.index(stop)]
+    assert generate_text(model, tokenizer, ["abc", "m"], 4, temperature=0)[0] == free[:4]

@@ -1,0 +1,1 @@
+"""Finetuning: instruction prompts (here), classification, LoRA and DPO (later chapters)."""

@@ -1,0 +1,40 @@
+"""Download OpenAI's GPT-2 weights (Hugging Face layout) into a folder.
+
+    tinygrad-llm download gpt2 --out gpt2
+    tinygrad-llm generate --checkpoint gpt2 --prompt "Hello, I'm a language model,"
+
+Needs a network connection; an interrupted download resumes when run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tinygrad_llm.hf import HUB_NAMES, download_gpt2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(HUB_NAMES))
+    parser.add_argument("--out", help="folder to write (default: the cache folder)")
+
+
+def run(args) -> int:
+    try:
+        folder = download_gpt2(args.name, out=args.out)
+    except ConnectionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(folder)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
