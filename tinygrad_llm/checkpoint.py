@@ -111,7 +111,8 @@ def save_model(directory, model, tokenizer, state: dict | None = None, optimizer
 
 
 def load_model(directory, device: str = "cpu"):
-    """Load a GPT from a checkpoint of this project or a Hugging Face GPT-2 folder.
+    """Load a GPT from a checkpoint of this project (or the run folder holding one) or a
+    Hugging Face GPT-2 folder.
 
     Returns (model, tokenizer, checkpoint dict); for a Hugging Face folder the dict holds only
     its config.
@@ -120,6 +121,9 @@ def load_model(directory, device: str = "cpu"):
     from .models.gpt import GPT, GPTConfig
     from .tokenizer import tokenizer_from_config
 
+    directory = Path(directory)
+    if not is_checkpoint(directory) and is_checkpoint(directory / "checkpoint"):
+        directory = directory / "checkpoint"  # a run folder of `tinygrad-llm pretrain --out`
     if hf.is_hf_gpt2_folder(directory):
         model, tokenizer = hf.load_gpt2(directory, device)
         return model, tokenizer, {"config": {"model": model.config.to_dict(),

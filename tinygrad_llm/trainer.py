@@ -27,6 +27,7 @@ from .checkpoint import save_model
 from .data import RandomWindows
 from .generate import generate
 from .optim import AdamW, clip_grad_norm, cosine_schedule
+from .plotting import plot_curves
 from .tensor import no_grad
 
 
@@ -225,25 +226,8 @@ def read_metrics(path) -> list[dict]:
 
 def plot_metrics(metrics_path, png_path) -> bool:
     """Draw train/validation loss against step; False (and nothing drawn) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     records = read_metrics(metrics_path)
-    if not records:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
     steps = [r["step"] for r in records]
-    ax.plot(steps, [r["train_loss"] for r in records], label="train")
-    ax.plot(steps, [r["val_loss"] for r in records], label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats per token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return True
+    curves = {split: (steps, [r[f"{split}_loss"] for r in records]) for split in ("train", "val")}
+    return bool(records) and plot_curves(png_path, "step",
+                                         {"cross-entropy loss (nats per token)": curves})

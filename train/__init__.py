@@ -1,1 +1,15 @@
-"""Runnable scripts of tinygrad_llm and the `tinygrad-llm` command (see cli.py)."""
+"""Runnable scripts of tinygrad_llm and the `tinygrad-llm` command (see cli.py).
+
+Each script module has ``add_arguments(parser)`` and ``run(args) -> exit code``; cli.py makes
+them sub-commands, and ``standalone`` lets each also run as ``python -m train.NAME``.
+"""
+
+import argparse
+
+
+def standalone(add_arguments, run, description: str, argv=None) -> int:
+    """Parse ``argv`` with a script's arguments and run it."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

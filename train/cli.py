@@ -4,19 +4,23 @@
     tinygrad-llm generate   --checkpoint DIR --prompt "..."   (this project's or HF GPT-2)
     tinygrad-llm chat       --checkpoint DIR                  chat in the terminal
     tinygrad-llm download   gpt2 --out DIR                    OpenAI's GPT-2 weights
+    tinygrad-llm finetune-classifier --checkpoint BASE --out DIR   e.g. spam detection
+    tinygrad-llm classify   --checkpoint DIR "text"           label and probability
 """
 
 from __future__ import annotations
 
 import argparse
 
-from train import chat, download, pretrain, sample
+from train import chat, classify, download, finetune_classifier, pretrain, sample
 
 COMMANDS = {
     "pretrain": (pretrain, "pretrain a GPT on a text corpus"),
     "generate": (sample, "generate text from a checkpoint"),
     "chat": (chat, "chat with a model in the terminal"),
     "download": (download, "download GPT-2 weights from the Hugging Face hub"),
+    "finetune-classifier": (finetune_classifier, "finetune a GPT as a text classifier"),
+    "classify": (classify, "classify text with a finetuned classifier"),
 }
 
 

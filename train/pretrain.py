@@ -19,6 +19,7 @@ from tinygrad_llm import backend
 from tinygrad_llm.checkpoint import is_checkpoint, load_checkpoint, load_model
 from tinygrad_llm.data import SHAKESPEARE, corpus_files, load_tokens, prepare_corpus, read_corpus
 from tinygrad_llm.models.gpt import GPT, PRESETS, GPTConfig, preset
+from tinygrad_llm.plotting import INSTALL_HINT
 from tinygrad_llm.tokenizer import get_tokenizer, tokenizer_from_config
 from tinygrad_llm.trainer import TrainConfig, Trainer, plot_metrics
 
@@ -153,8 +154,7 @@ def run(args) -> int:
     if trainer._stop_requested:
         return 130
     if not plot_metrics(trainer.metrics_path, Path(args.out) / "loss.png"):
-        print("(no loss plot: install matplotlib with pip install 'tinygrad_llm[plot]')",
-              file=sys.stderr)
+        print(INSTALL_HINT, file=sys.stderr)
     if record:
         print(f"done in {minutes:.1f} min: step {trainer.step}, train loss "
               f"{record['train_loss']:.4f}, val loss {record['val_loss']:.4f}; checkpoint in "
@@ -163,12 +163,7 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from train import standalone
+
+    raise SystemExit(standalone(add_arguments, run, __doc__))

@@ -171,7 +171,7 @@ class GPT(Module):
 
     def forward(self, ids, caches: list[KVCache] | None = None, positions=None, padding_mask=None,
                 last_only: bool = False) -> Tensor:
-        """Logits for every position (or only the last).
+        """Logits for every position (or only the last): (B, T, V).
 
         Args:
             ids: integer array or Tensor (B, T).
@@ -182,6 +182,17 @@ class GPT(Module):
                 cached positions and these.
             last_only: compute logits for the last position only (B, 1, V): what sampling needs.
         """
+        x = self.hidden_states(ids, caches, positions, padding_mask)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        return F.linear(x, self.wte.weight.T)  # (B, T, C) @ (C, V) -> (B, T, V)
+
+    def hidden_states(self, ids, caches: list[KVCache] | None = None, positions=None,
+                      padding_mask=None) -> Tensor:
+        """The final hidden states (B, T, C), before the LM head: what a classification head
+        reads (finetune/classification.py). Arguments as in ``forward``."""
         xp = backend.array_module(self.device)
         ids = _on_device(ids, xp, self.device)
         B, T = ids.shape
@@ -201,12 +212,7 @@ class GPT(Module):
         x = self.drop(x)
         for i, block in enumerate(self.h):
             x = block(x, None if caches is None else caches[i], key_mask)
-        if last_only:
-            x = x[:, -1:]  # (B, 1, C)
-        x = self.ln_f(x)
-        if self.lm_head is not None:
-            return self.lm_head(x)
-        return F.linear(x, self.wte.weight.T)  # (B, T, C) @ (C, V) -> (B, T, V)
+        return self.ln_f(x)
 
 
 def _on_device(array, xp, device):

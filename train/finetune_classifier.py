@@ -1,0 +1,172 @@
+"""Finetune a pretrained GPT as a text classifier (default data: the SMS Spam Collection).
+
+    tinygrad-llm pretrain --tokenizer gpt2 --out base
+    tinygrad-llm finetune-classifier --checkpoint base --out spam
+    tinygrad-llm classify --checkpoint spam "WINNER!! Claim your free prize now"
+
+--data takes a CSV, TSV or JSONL file with a text and a label column (--text-column,
+--label-column: names from the header, or 0-based positions for files without one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tinygrad_llm import backend
+from tinygrad_llm.checkpoint import load_model
+from tinygrad_llm.finetune.classification import (
+    SPAM_DATA,
+    ClassifierConfig,
+    GPTClassifier,
+    balance,
+    classification_metrics,
+    config_dict,
+    encode,
+    evaluate,
+    label_counts,
+    read_labeled,
+    save_classifier,
+    stratified_split,
+    train_classifier,
+)
+from tinygrad_llm.plotting import INSTALL_HINT, plot_curves
+
+DEFAULTS = ClassifierConfig()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="base model: a checkpoint or run folder of this project, or a "
+                             "Hugging Face GPT-2 folder")
+    parser.add_argument("--out", required=True, help="folder for the classifier and metrics")
+    parser.add_argument("--data", default=None,
+                        help="CSV/TSV/JSONL file (default: the bundled SMS Spam Collection)")
+    parser.add_argument("--text-column", default=None, help="default: text (or 1 for the SMS file)")
+    parser.add_argument("--label-column", default=None,
+                        help="default: label (or 0 for the SMS file)")
+    parser.add_argument("--trainable", default=DEFAULTS.trainable,
+                        help="head, last-block, last-N (e.g. last-2) or all")
+    parser.add_argument("--pooling", choices=["last", "mean"], default=DEFAULTS.pooling)
+    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    parser.add_argument("--lr", type=float, default=DEFAULTS.learning_rate)
+    parser.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per text (default: the longest training text, at most the "
+                             "model's context)")
+    parser.add_argument("--no-balance", action="store_true",
+                        help="keep the class imbalance instead of undersampling")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--device", default="cpu")
+
+
+def load_examples(args) -> list:
+    if args.data is None:  # the bundled SMS file: label<TAB>text, no header
+        return read_labeled(SPAM_DATA, args.text_column or 1, args.label_column or 0)
+    return read_labeled(args.data, args.text_column or "text", args.label_column or "label")
+
+
+def plot_history(history: list, path: Path) -> bool:
+    """Loss and accuracy per epoch, train and validation, side by side."""
+    epochs = [h["epoch"] for h in history]
+    return plot_curves(path, "epoch", {
+        metric: {split: (epochs, [h[f"{split}_{metric}"] for h in history])
+                 for split in ("train", "val")}
+        for metric in ("loss", "accuracy")})
+
+
+def run(args) -> int:
+    started = time.perf_counter()
+    config = ClassifierConfig(epochs=args.epochs, batch_size=args.batch_size,
+                              learning_rate=args.lr, weight_decay=args.weight_decay,
+                              max_length=args.max_length, trainable=args.trainable,
+                              pooling=args.pooling, balance=not args.no_balance, seed=args.seed)
+    try:
+        examples = load_examples(args)
+        gpt, tokenizer, _ = load_model(args.checkpoint, args.device)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{len(examples)} examples: {label_counts(examples)}", file=sys.stderr)
+    if config.balance:
+        examples = balance(examples, config.seed)
+        print(f"balanced by undersampling: {label_counts(examples)}", file=sys.stderr)
+    train, val, test = stratified_split(examples, seed=config.seed)
+    labels = sorted({label for _, label in examples})
+    label_ids = {label: i for i, label in enumerate(labels)}
+    window = gpt.config.context_length
+    max_length = config.max_length or min(window, max(len(tokenizer.encode(t)) for t, _ in train))
+    if max_length > window:
+        print(f"error: --max-length {max_length} exceeds the model's context {window}",
+              file=sys.stderr)
+        return 2
+    try:
+        train_set, val_set, test_set = (encode(split, tokenizer, label_ids, max_length)
+                                        for split in (train, val, test))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    backend.manual_seed(config.seed)  # the new head's initialisation
+    model = GPTClassifier(gpt, len(labels), config.pooling)
+    try:
+        model.set_trainable(config.trainable)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model.to(args.device)
+    print(f"splits: train {len(train_set)}, validation {len(val_set)}, test {len(test_set)}; "
+          f"max length {max_length} tokens; training {model.num_params(trainable_only=True):,} "
+          f"of {model.num_params():,} parameters ({config.trainable})", file=sys.stderr)
+
+    train_started = time.perf_counter()
+    history = train_classifier(model, train_set, val_set, config,
+                               log=lambda line: print(line, file=sys.stderr))
+    train_seconds = time.perf_counter() - train_started
+    _, predicted, _ = evaluate(model, test_set)
+    truth = np.array([label for _, label in test_set])
+    test = classification_metrics(truth, predicted, labels)
+
+    out = Path(args.out)
+    save_classifier(out / "checkpoint", model, tokenizer, labels, max_length,
+                    extra={"finetune": config_dict(config), "base": str(args.checkpoint)})
+    metrics = {
+        "train_accuracy": history[-1]["train_accuracy"],
+        "val_accuracy": history[-1]["val_accuracy"],
+        "test_accuracy": test["accuracy"],
+        **{f"test_{k}": v for k, v in test.items() if k != "accuracy"},
+        "labels": labels,
+        "splits": {"train": len(train_set), "val": len(val_set), "test": len(test_set)},
+        "trainable": config.trainable,
+        "trainable_params": model.num_params(trainable_only=True),
+        "train_seconds": train_seconds,
+        "total_seconds": time.perf_counter() - started,
+        "history": history,
+        "config": config_dict(config),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if not plot_history(history, out / "curves.png"):
+        print(INSTALL_HINT, file=sys.stderr)
+    print(f"train accuracy {metrics['train_accuracy']:.4f}, "
+          f"validation {metrics['val_accuracy']:.4f}"
+          f", test {metrics['test_accuracy']:.4f}")
+    if len(labels) == 2:
+        print(f"test precision {test['precision']:.4f}, recall {test['recall']:.4f}, "
+              f"F1 {test['f1']:.4f} (positive class: {test['positive_label']})")
+    print("confusion matrix (rows: true, columns: predicted; " + ", ".join(labels) + "):")
+    for label, row in zip(labels, test["confusion_matrix"], strict=True):
+        print(f"  {label:>12}: {row}")
+    print(f"classifier saved in {out / 'checkpoint'}; metrics in {out / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    from train import standalone
+
+    raise SystemExit(standalone(add_arguments, run, __doc__))
