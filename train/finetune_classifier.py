@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-column", default=None,
                         help="default: label (or 0 for the SMS file)")
     parser.add_argument("--trainable", default=DEFAULTS.trainable,
-                        help="head, last-block, last-N (e.g. last-2) or all")
+                        help="auto (all below 20M parameters, else last-block), head, "
+                             "last-block, last-N (e.g. last-2) or all")
     parser.add_argument("--pooling", choices=["last", "mean"], default=DEFAULTS.pooling)
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
@@ -116,14 +117,15 @@ def run(args) -> int:
     backend.manual_seed(config.seed)  # the new head's initialisation
     model = GPTClassifier(gpt, len(labels), config.pooling)
     try:
-        model.set_trainable(config.trainable)
+        trainable = model.set_trainable(config.trainable)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     model.to(args.device)
+    chosen = f"{trainable}, chosen by auto" if config.trainable == "auto" else trainable
     print(f"splits: train {len(train_set)}, validation {len(val_set)}, test {len(test_set)}; "
           f"max length {max_length} tokens; training {model.num_params(trainable_only=True):,} "
-          f"of {model.num_params():,} parameters ({config.trainable})", file=sys.stderr)
+          f"of {model.num_params():,} parameters ({chosen})", file=sys.stderr)
 
     train_started = time.perf_counter()
     history = train_classifier(model, train_set, val_set, config,
@@ -143,7 +145,7 @@ def run(args) -> int:
         **{f"test_{k}": v for k, v in test.items() if k != "accuracy"},
         "labels": labels,
         "splits": {"train": len(train_set), "val": len(val_set), "test": len(test_set)},
-        "trainable": config.trainable,
+        "trainable": trainable,
         "trainable_params": model.num_params(trainable_only=True),
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started,

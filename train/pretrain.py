@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--n-embd", type=int)
     model.add_argument("--context-length", type=int)
     model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None,
+                       help="share the token embedding with the LM head (default: the preset's)")
     train = parser.add_argument_group("training")
     train.add_argument("--steps", type=int, default=DEFAULTS.max_steps)
     train.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
@@ -74,7 +76,7 @@ def train_config(args) -> TrainConfig:
 
 def model_config(args, vocab_size: int) -> GPTConfig:
     overrides = {name: getattr(args, name) for name in ("n_layer", "n_head", "n_embd",
-                                                        "context_length")
+                                                        "context_length", "tie_weights")
                  if getattr(args, name) is not None}
     return preset(args.preset, vocab_size=vocab_size, dropout=args.dropout, **overrides)
 

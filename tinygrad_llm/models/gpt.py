@@ -54,10 +54,16 @@ PRESETS = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     # nanoGPT's CPU "baby" Shakespeare model: trains in minutes on a laptop
-    "baby": dict(n_layer=4, n_head=4, n_embd=128, context_length=64),
+    "baby": dict(n_layer=4, n_head=4, n_embd=128, context_length=64, tie_weights=False),
     # a slightly larger one: still CPU-friendly
-    "mini": dict(n_layer=6, n_head=6, n_embd=384, context_length=256),
+    "mini": dict(n_layer=6, n_head=6, n_embd=384, context_length=256, tie_weights=False),
 }
+# The small presets untie the LM head. With a tied head, every row of the embedding table gets a
+# "do not predict me" gradient at every step, so the rows of all tokens that a small corpus never
+# contains collapse into one direction (mean pairwise cosine 0.996 after pretraining on
+# Shakespeare with GPT-2 tokens): a frozen body can then no longer tell them apart, which hurts
+# finetuning on text with other words (docs/classification.md). Untied, their input embeddings
+# keep their distinct random initialisation. GPT-2's own sizes stay tied, as GPT-2 is.
 
 
 def preset(name: str, **overrides) -> GPTConfig:
