@@ -176,6 +176,8 @@ def test_finetune_and_classify_commands(tmp_path, capsys, monkeypatch):
                 "test_recall", "test_f1", "test_confusion_matrix"):
         assert key in metrics
     assert metrics["splits"] == {"train": 56, "val": 8, "test": 16}
+    kept = [r for r in metrics["history"] if r.get("best")][0]
+    assert (metrics["best_epoch"], metrics["val_accuracy"]) == (kept["epoch"], kept["val_accuracy"])
     capsys.readouterr()
     assert main(["classify", "--checkpoint", str(tmp_path / "clf"), "abc", "def"]) == 0
     label, probability = capsys.readouterr().out.strip().split("\t")

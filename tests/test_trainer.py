@@ -1,5 +1,8 @@
 """The training loop: it learns, logs, resumes exactly, and stops cleanly on Ctrl-C."""
 
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -58,13 +61,14 @@ def test_ctrl_c_finishes_the_step_and_saves(tmp_path):
     def step_then_interrupt():
         loss = original_step()
         if trainer.step == 3:
-            trainer._stop_requested = True  # what the SIGINT handler does
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, caught by the trainer's handler
         return loss
 
     trainer.train_step = step_then_interrupt
     trainer.train()
-    assert trainer.step == 3
+    assert trainer.step == 3 and trainer.stop_requested
     assert load_checkpoint(tmp_path / "checkpoint")["state"]["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
 def test_resuming_from_an_inference_checkpoint_is_refused(tmp_path):

@@ -80,7 +80,7 @@ class Trainer:
                                weight_decay=config.weight_decay)
         self.step = 0
         self.tokens_per_step = config.batch_size * config.grad_accum_steps * context
-        self._stop_requested = False
+        self.stop_requested = False
 
     # ------------------------------------------------------------------------ one step
     def learning_rate(self, step: int) -> float:
@@ -177,7 +177,7 @@ class Trainer:
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not self.show_progress,
                    unit="step", dynamic_ncols=True)
         try:
-            while self.step < stop_at and not self._stop_requested:
+            while self.step < stop_at and not self.stop_requested:
                 loss = self.train_step()
                 interval_tokens += self.tokens_per_step
                 elapsed = time.perf_counter() - interval_start
@@ -196,9 +196,9 @@ class Trainer:
                     self.save()
                     plot_metrics(self.metrics_path, self.out_dir / "loss.png")
                     interval_start, interval_tokens = time.perf_counter(), 0
-            if self._stop_requested or self.step == stop_at < c.max_steps:
+            if self.stop_requested or self.step == stop_at < c.max_steps:
                 self.save()  # interrupted or stopped early: keep the exact position
-                if self._stop_requested:
+                if self.stop_requested:
                     bar.write(f"interrupted: checkpoint saved at step {self.step} in "
                               f"{self.checkpoint_dir}; continue with --resume")
         finally:
@@ -210,9 +210,9 @@ class Trainer:
     def _install_interrupt_handler(self):
         """First Ctrl-C: finish the step, save, stop. A second one interrupts at once."""
         def handler(signum, frame):
-            if self._stop_requested:
+            if self.stop_requested:
                 raise KeyboardInterrupt
-            self._stop_requested = True
+            self.stop_requested = True
 
         try:
             return signal.signal(signal.SIGINT, handler)

@@ -138,10 +138,12 @@ def run(args) -> int:
     out = Path(args.out)
     save_classifier(out / "checkpoint", model, tokenizer, labels, max_length,
                     extra={"finetune": config_dict(config), "base": str(args.checkpoint)})
+    kept = next(record for record in history if record.get("best"))  # the weights we keep
     metrics = {
-        "train_accuracy": history[-1]["train_accuracy"],
-        "val_accuracy": history[-1]["val_accuracy"],
+        "train_accuracy": kept["train_accuracy"],
+        "val_accuracy": kept["val_accuracy"],
         "test_accuracy": test["accuracy"],
+        "best_epoch": kept["epoch"],
         **{f"test_{k}": v for k, v in test.items() if k != "accuracy"},
         "labels": labels,
         "splits": {"train": len(train_set), "val": len(val_set), "test": len(test_set)},
@@ -155,7 +157,7 @@ def run(args) -> int:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if not plot_history(history, out / "curves.png"):
         print(INSTALL_HINT, file=sys.stderr)
-    print(f"train accuracy {metrics['train_accuracy']:.4f}, "
+    print(f"epoch {kept['epoch']}: train accuracy {metrics['train_accuracy']:.4f}, "
           f"validation {metrics['val_accuracy']:.4f}"
           f", test {metrics['test_accuracy']:.4f}")
     if len(labels) == 2:

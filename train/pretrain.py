@@ -153,7 +153,7 @@ def run(args) -> int:
           f"{len(train_tokens):,} training tokens", file=sys.stderr)
     record = trainer.train()
     minutes = (time.perf_counter() - start_time) / 60
-    if trainer._stop_requested:
+    if trainer.stop_requested:
         return 130
     if not plot_metrics(trainer.metrics_path, Path(args.out) / "loss.png"):
         print(INSTALL_HINT, file=sys.stderr)
