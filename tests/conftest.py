@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from tinygrad_llm.backend import cuda_available
 
 settings.register_profile(
-    "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+    "ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow],
     derandomize=False,
 )
 settings.register_profile(
