@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from . import backend
-from .tensor import Function, Tensor
+from .tensor import Function, Tensor, unbroadcast
 
 get_xp = backend.get_array_module
 
@@ -308,26 +308,25 @@ class MatMul(Function):
         return a @ b
 
     def backward(self, g):
-        # y = a b  =>  da = g b^T,  db = a^T g  (summed over broadcast batch dims by the engine)
+        # y = a b  =>  da = g b^T,  db = a^T g  (summed over broadcast batch dims)
         a, b = self.a, self.b
-        a2 = a[None, :] if a.ndim == 1 else a  # a vector is a (1, n) matrix ...
-        b2 = b[:, None] if b.ndim == 1 else b  # ... and on the right an (n, 1) one
+        # a vector acts as a matrix with a size-1 dimension that the product drops:
+        # on the left (n,) is (1, n), on the right (n,) is (n, 1)
+        a2 = a[None, :] if a.ndim == 1 else a
+        b2 = b[:, None] if b.ndim == 1 else b
         if a.ndim == 1:
             g = g[..., None, :]
         if b.ndim == 1:
             g = g[..., None]
         ga = gb = None
         if self.needs_input_grad[0]:
-            ga = g @ _swap_last(b2)
-            ga = ga.reshape(ga.shape[:-2] + (-1,)) if a.ndim == 1 else ga
-            ga = ga.sum(axis=tuple(range(ga.ndim - 1))) if a.ndim == 1 else ga
+            ga = unbroadcast(g @ _swap_last(b2), a2.shape).reshape(a.shape)
         if self.needs_input_grad[1]:
-            if b2.ndim == 2 and a2.ndim > 2:  # shared weight: one big GEMM, no (batch, n, m) temp
+            if b2.ndim == 2 and a2.ndim > 2:  # a shared matrix: one GEMM over all rows
                 gb = a2.reshape(-1, a2.shape[-1]).T @ g.reshape(-1, g.shape[-1])
             else:
-                gb = _swap_last(a2) @ g
-            gb = gb.reshape(gb.shape[:-2] + (-1,)).sum(axis=tuple(range(gb.ndim - 2))) \
-                if b.ndim == 1 else gb
+                gb = unbroadcast(_swap_last(a2) @ g, b2.shape)
+            gb = gb.reshape(b.shape)
         return ga, gb
 
 
