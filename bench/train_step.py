@@ -17,7 +17,6 @@ import time
 import numpy as np
 
 from tinygrad_llm import backend
-from tinygrad_llm import functional as F
 from tinygrad_llm.models.gpt import GPT, GPTConfig
 from tinygrad_llm.optim import AdamW, clip_grad_norm
 
@@ -64,7 +63,7 @@ def bench_ours(args, data) -> float:
     optimizer = AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)
 
     def step(x, y):
-        loss = F.cross_entropy(model(x), y)
+        loss = model.loss(x, y)  # = F.cross_entropy(model(x), y), LM head and loss fused
         loss.backward()
         clip_grad_norm(optimizer.params, 1.0)
         optimizer.step()

@@ -398,3 +398,25 @@ def test_fully_masked_rows_give_finite_output(device):
     mask = backend.array_module(device).zeros((2, 2), dtype=bool)
     out = F.scaled_dot_product_attention(q, q, q, causal=False, mask=mask)
     assert np.all(np.isfinite(out.numpy()))
+
+
+@given(data=st.data(), with_bias=st.booleans(), chunk_bytes=st.sampled_from([8, 40, 1 << 20]))
+def test_fused_linear_cross_entropy_equals_linear_then_cross_entropy(device, data, with_bias,
+                                                                     chunk_bytes):
+    rows, width, classes = (data.draw(st.integers(1, 5)) for _ in range(3))
+    x, w = data.draw(arrays((2, rows, width))), data.draw(arrays((width, classes + 1)))
+    b = data.draw(arrays((classes + 1,)))
+    targets = data.draw(hnp.arrays(np.int64, (2, rows), elements=st.integers(0, classes)))
+    targets[1, 0] = -100  # an ignored position
+    xp = backend.array_module(device)
+    t = xp.asarray(targets)
+    tensors = [x, w, b] if with_bias else [x, w]
+
+    def fused(*args):  # small chunk_bytes: chunks of a row or two
+        return F.linear_cross_entropy(args[0], args[1], t, *args[2:], chunk_bytes=chunk_bytes)
+
+    def reference(*args):
+        logits = args[0] @ args[1] + (args[2] if len(args) == 3 else 0)
+        return cross_entropy_reference(logits, targets)
+
+    assert_op(fused, reference, tensors, device)

@@ -67,3 +67,21 @@ def test_whole_model_gradient_matches_finite_differences():
             numeric = (loss_at(flat[j] + h) - loss_at(flat[j] - h)) / (2 * h)
             analytic = parameter.grad.reshape(-1)[j]
             assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8), name
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_loss_equals_cross_entropy_of_the_logits(tie):
+    backend.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY.to_dict(), "tie_weights": tie})).to(dtype=np.float64)
+    rng = np.random.default_rng(2)
+    ids, targets = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
+    targets[0, 0] = -100
+    F.cross_entropy(model(ids), targets).backward()
+    expected = {name: p.grad.copy() for name, p in model.named_parameters()}
+    model.zero_grad()
+    loss = model.loss(ids, targets)
+    assert loss.item() == pytest.approx(F.cross_entropy(model(ids), targets).item(), rel=1e-12)
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        np.testing.assert_allclose(parameter.grad, expected[name], rtol=1e-9, atol=1e-12,
+                                   err_msg=name)

@@ -1,7 +1,7 @@
 """The pretraining loop: step, accumulate, clip, schedule, evaluate, log, checkpoint, resume.
 
 One optimizer step:
-    for each of grad_accum_steps micro-batches:  loss = cross_entropy(model(x), y) / accum
+    for each of grad_accum_steps micro-batches:  loss = model.loss(x, y) / accum
                                                  loss.backward()      (gradients add up)
     clip the global gradient norm; set the learning rate from the schedule; AdamW step.
 
@@ -22,7 +22,6 @@ import numpy as np
 from tqdm import tqdm
 
 from . import backend
-from . import functional as F
 from .checkpoint import save_model
 from .data import RandomWindows
 from .generate import generate
@@ -93,7 +92,7 @@ class Trainer:
         total = 0.0
         for _ in range(accum):
             inputs, targets = self.batches.next_batch()  # (B, T), (B, T)
-            loss = F.cross_entropy(self.model(inputs), targets)
+            loss = self.model.loss(inputs, targets)  # cross-entropy, LM head fused in
             (loss * (1.0 / accum)).backward()  # gradients of the micro-batches add up
             total += loss.item()
         if self.config.grad_clip:
@@ -111,7 +110,7 @@ class Trainer:
         losses = {}
         with no_grad():
             for split, batches in self.eval_sets.items():
-                values = [F.cross_entropy(self.model(x), y).item() for x, y in batches]
+                values = [self.model.loss(x, y).item() for x, y in batches]
                 losses[f"{split}_loss"] = float(np.mean(values))
         self.model.train()
         return losses

@@ -195,6 +195,16 @@ class GPT(Module):
             return self.lm_head(x)
         return F.linear(x, self.wte.weight.T)  # (B, T, C) @ (C, V) -> (B, T, V)
 
+    def loss(self, ids, targets, ignore_index: int = -100) -> Tensor:
+        """Mean cross-entropy of next-token ``targets`` (B, T): the value of
+        ``F.cross_entropy(self(ids), targets)``, with the LM head and the loss fused
+        (``F.linear_cross_entropy``) so the (B, T, V) logits are never held at once."""
+        x = self.hidden_states(ids)  # (B, T, C)
+        if self.lm_head is None:
+            return F.linear_cross_entropy(x, self.wte.weight.T, targets, None, ignore_index)
+        head = self.lm_head
+        return F.linear_cross_entropy(x, head.weight, targets, head.bias, ignore_index)
+
     def hidden_states(self, ids, caches: list[KVCache] | None = None, positions=None,
                       padding_mask=None) -> Tensor:
         """The final hidden states (B, T, C), before the LM head: what a classification head
