@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,6 @@ from tinygrad_llm.finetune.classification import (
     GPTClassifier,
     balance,
     classification_metrics,
-    config_dict,
     encode,
     evaluate,
     label_counts,
@@ -137,7 +137,7 @@ def run(args) -> int:
 
     out = Path(args.out)
     save_classifier(out / "checkpoint", model, tokenizer, labels, max_length,
-                    extra={"finetune": config_dict(config), "base": str(args.checkpoint)})
+                    extra={"finetune": asdict(config), "base": str(args.checkpoint)})
     kept = next(record for record in history if record.get("best"))  # the weights we keep
     metrics = {
         "train_accuracy": kept["train_accuracy"],
@@ -152,7 +152,7 @@ def run(args) -> int:
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started,
         "history": history,
-        "config": config_dict(config),
+        "config": asdict(config),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if not plot_history(history, out / "curves.png"):

@@ -16,7 +16,7 @@ import csv
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -172,9 +172,8 @@ def batches(encoded: list, batch_size: int, shuffle: bool = False, rng=None, pad
 
 
 # ==================================================================================== model
-TRAINABLE_CHOICES = ("auto", "head", "last-block", "last-N", "all")
-# "auto" trains everything in models below this size and only the last block in larger ones.
-# A small body pretrained on a narrow corpus has no useful features for words it never saw (16%
+# --trainable auto trains everything in models below this size, only the last block in larger
+# ones. A small body pretrained on a narrow corpus has no useful features for words it never saw (16%
 # of the SMS tokens never occur in Shakespeare) and training it all is cheap; a large, broadly
 # pretrained body like GPT-2 needs only its top to adapt (docs/classification.md).
 AUTO_ALL_BELOW = 20_000_000
@@ -382,7 +381,3 @@ def predict(model: GPTClassifier, tokenizer, texts: list[str], max_length: int,
 
 def label_counts(examples: list) -> dict:
     return dict(sorted(Counter(label for _, label in examples).items()))
-
-
-def config_dict(config: ClassifierConfig) -> dict:
-    return asdict(config)
