@@ -173,9 +173,9 @@ def batches(encoded: list, batch_size: int, shuffle: bool = False, rng=None, pad
 
 # ==================================================================================== model
 # --trainable auto trains everything in models below this size, only the last block in larger
-# ones. A small body pretrained on a narrow corpus has no useful features for words it never saw (16%
-# of the SMS tokens never occur in Shakespeare) and training it all is cheap; a large, broadly
-# pretrained body like GPT-2 needs only its top to adapt (docs/classification.md).
+# ones. A small body pretrained on a narrow corpus has no useful features for words it never
+# saw (16% of the SMS tokens never occur in Shakespeare) and training it all is cheap; a large,
+# broadly pretrained body like GPT-2 needs only its top to adapt (docs/classification.md).
 AUTO_ALL_BELOW = 20_000_000
 
 
