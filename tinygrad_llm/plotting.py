@@ -19,6 +19,11 @@ def _pyplot():
     return plt
 
 
+def available() -> bool:
+    """Whether plots can be drawn (matplotlib is installed)."""
+    return _pyplot() is not None
+
+
 def plot_curves(path, x_label: str, panels: dict) -> bool:
     """One panel per entry of ``panels`` ({y label: {series name: (xs, ys)}}), saved to
     ``path``. Returns False (and draws nothing) without matplotlib."""

@@ -78,6 +78,7 @@ class Trainer:
                                betas=(config.beta1, config.beta2),
                                weight_decay=config.weight_decay)
         self.step = 0
+        self.last_sample: str | None = None  # the text generated at the latest evaluation
         self.tokens_per_step = config.batch_size * config.grad_accum_steps * context
         self.stop_requested = False
 
@@ -191,7 +192,8 @@ class Trainer:
                     bar.write(f"step {self.step}: train loss {record['train_loss']:.4f}, "
                               f"val loss {record['val_loss']:.4f}")
                     if c.sample_tokens:
-                        bar.write(f"--- sample ---\n{self.sample()}\n--------------")
+                        self.last_sample = self.sample()
+                        bar.write(f"--- sample ---\n{self.last_sample}\n--------------")
                     self.save()
                     plot_metrics(self.metrics_path, self.out_dir / "loss.png")
                     interval_start, interval_tokens = time.perf_counter(), 0

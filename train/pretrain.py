@@ -15,13 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from tinygrad_llm import backend
+from tinygrad_llm import backend, plotting
 from tinygrad_llm.checkpoint import is_checkpoint, load_checkpoint, load_model
 from tinygrad_llm.data import SHAKESPEARE, corpus_files, load_tokens, prepare_corpus, read_corpus
 from tinygrad_llm.models.gpt import GPT, PRESETS, GPTConfig, preset
 from tinygrad_llm.plotting import INSTALL_HINT
 from tinygrad_llm.tokenizer import get_tokenizer, tokenizer_from_config
-from tinygrad_llm.trainer import TrainConfig, Trainer, plot_metrics
+from tinygrad_llm.trainer import TrainConfig, Trainer
 
 DEFAULTS = TrainConfig()
 
@@ -155,13 +155,13 @@ def run(args) -> int:
     minutes = (time.perf_counter() - start_time) / 60
     if trainer.stop_requested:
         return 130
-    if not plot_metrics(trainer.metrics_path, Path(args.out) / "loss.png"):
+    if not plotting.available():  # the trainer drew OUT/loss.png at every evaluation
         print(INSTALL_HINT, file=sys.stderr)
     if record:
         print(f"done in {minutes:.1f} min: step {trainer.step}, train loss "
               f"{record['train_loss']:.4f}, val loss {record['val_loss']:.4f}; checkpoint in "
               f"{trainer.checkpoint_dir}")
-    print("\n" + trainer.sample())
+    print("\n" + (trainer.last_sample or trainer.sample()))  # the final evaluation's sample
     return 0
 
 
