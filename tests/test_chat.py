@@ -4,7 +4,7 @@ from tinygrad_llm import backend
 from tinygrad_llm.finetune.instruction import PREAMBLE, format_prompt
 from tinygrad_llm.models.gpt import GPT, GPTConfig
 from tinygrad_llm.tokenizer import GPT2Tokenizer
-from train.chat import ChatSession, chat_loop
+from tinygrad_llm.train.chat import ChatSession, chat_loop
 
 OPTIONS = dict(max_new_tokens=5, temperature=0, top_k=None, top_p=None, seed=0, use_cache=True)
 

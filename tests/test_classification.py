@@ -26,7 +26,7 @@ from tinygrad_llm.finetune.classification import (
 )
 from tinygrad_llm.models.gpt import GPT, GPTConfig
 from tinygrad_llm.tokenizer import CharTokenizer
-from train.cli import main
+from tinygrad_llm.train.cli import main
 
 CHARS = CharTokenizer(" abcdefghijklmnopqrstuvwxyz")
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from train.cli import main
+from tinygrad_llm.train.cli import main
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--context-length", "16",
         "--batch-size", "2", "--eval-interval", "2", "--eval-batches", "1", "--sample-tokens", "5",

@@ -1,7 +1,7 @@
 """Runnable scripts of tinygrad_llm and the `tinygrad-llm` command (see cli.py).
 
 Each script module has ``add_arguments(parser)`` and ``run(args) -> exit code``; cli.py makes
-them sub-commands, and ``standalone`` lets each also run as ``python -m train.NAME``.
+them sub-commands, and ``standalone`` lets each also run as ``python -m tinygrad_llm.train.NAME`` or ``python train/NAME.py``.
 """
 
 import argparse

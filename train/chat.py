@@ -16,7 +16,7 @@ import sys
 from tinygrad_llm.checkpoint import load_model
 from tinygrad_llm.finetune.instruction import STOP_STRINGS, format_prompt
 from tinygrad_llm.generate import stream_text
-from train.sample import add_sampling_arguments, sampling_options
+from tinygrad_llm.train.sample import add_sampling_arguments, sampling_options
 
 
 def format_plain(message: str, history=()) -> str:
@@ -113,6 +113,6 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    from train import standalone
+    from tinygrad_llm.train import standalone
 
     raise SystemExit(standalone(add_arguments, run, __doc__))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from train import chat, classify, download, finetune_classifier, pretrain, sample
+from tinygrad_llm.train import chat, classify, download, finetune_classifier, pretrain, sample
 
 COMMANDS = {
     "pretrain": (pretrain, "pretrain a GPT on a text corpus"),

@@ -166,6 +166,6 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    from train import standalone
+    from tinygrad_llm.train import standalone
 
     raise SystemExit(standalone(add_arguments, run, __doc__))
