@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tinygrad_llm import backend
-from tinygrad_llm.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
+from tinygrad_llm.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from tinygrad_llm.loading import load_model, save_model
 from tinygrad_llm.models.gpt import GPT, GPTConfig
 from tinygrad_llm.tokenizer import CharTokenizer
 
@@ -55,4 +56,63 @@ def test_missing_corrupt_and_mismatched_checkpoints_say_what_is_wrong(tmp_path):
     config["model"]["n_embd"] = 8  # claims another architecture than the weights have
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="shape mismatch"):
+        load_model(tmp_path / "ckpt")
+
+
+def test_a_kill_between_the_two_renames_leaves_a_checkpoint_that_is_found(tmp_path):
+    save_checkpoint(tmp_path / "ckpt", {"w": np.ones(2, np.float32)}, {"v": 1})
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")  # the state right after the first rename
+    (tmp_path / ".ckpt.tmp-dead").mkdir()  # and a killed save's temporary folder
+    assert is_checkpoint(tmp_path / "ckpt")
+    assert load_checkpoint(tmp_path / "ckpt")["config"]["v"] == 1  # the reader falls back
+    save_checkpoint(tmp_path / "ckpt", {"w": np.zeros(2, np.float32)}, {"v": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # recovered and cleaned
+    assert load_checkpoint(tmp_path / "ckpt")["config"]["v"] == 2
+
+
+def test_checkpoint_folders_get_the_users_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ckpt", {"w": np.ones(2, np.float32)}, {"v": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "ckpt" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_full_or_read_only_disk_says_the_previous_checkpoint_is_intact(tmp_path, monkeypatch):
+    from tinygrad_llm import checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", {"w": np.ones(2, np.float32)}, {"v": 1})
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", no_space)
+    with pytest.raises(checkpoint.CheckpointSaveError, match="previous checkpoint.*intact"):
+        save_checkpoint(tmp_path / "ckpt", {"w": np.zeros(2, np.float32)}, {"v": 2})
+    assert load_checkpoint(tmp_path / "ckpt")["config"]["v"] == 1
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
+    model = GPT(CONFIG)
+    model.wte.weight.data[0, 0] = np.nan
+    save_model(tmp_path / "ckpt", model, CharTokenizer("abcde"))
+    with pytest.raises(ValueError, match="NaN"):
+        load_model(tmp_path / "ckpt")
+
+
+def test_a_config_missing_a_setting_is_refused_not_filled_with_gpt2s(tmp_path):
+    save_model(tmp_path / "ckpt", GPT(CONFIG), CharTokenizer("abcde"))
+    path = tmp_path / "ckpt" / "config.json"
+    config = json.loads(path.read_text())
+    del config["model"]["n_embd"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'n_embd' is missing"):
+        load_model(tmp_path / "ckpt")
+    config["model"]["n_embd"] = "4"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'n_embd' should be a positive int"):
         load_model(tmp_path / "ckpt")

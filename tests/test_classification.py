@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tinygrad_llm import backend
-from tinygrad_llm.checkpoint import save_model
+from tinygrad_llm.loading import save_model
 from tinygrad_llm.finetune.classification import (
     SPAM_DATA,
     ClassifierConfig,
@@ -149,7 +149,9 @@ def test_finetuning_learns_and_round_trips(tmp_path):
     model = GPTClassifier(tiny_gpt(), 2)
     model.set_trainable("all")
     config = ClassifierConfig(epochs=12, batch_size=8, learning_rate=3e-3, seed=0)
-    history = train_classifier(model, train_set, val_set, config, log=lambda line: None)
+    history = train_classifier(model, train_set, val_set, config, tmp_path / "run",
+                               log=lambda line: None).history
+    assert [r["epoch"] for r in history] == list(range(1, 13))  # one evaluation per epoch
     best = [record for record in history if record.get("best")]
     assert len(best) == 1 and best[0]["val_accuracy"] == max(r["val_accuracy"] for r in history)
     assert best[0]["val_accuracy"] >= 0.9  # chance is 0.5
@@ -184,6 +186,7 @@ def test_finetune_and_classify_commands(tmp_path, capsys, monkeypatch):
     assert label in ("none", "z") and 0.5 <= float(probability) <= 1
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("abc\n\nxyz\n"))
     assert main(["classify", "--checkpoint", str(tmp_path / "clf")]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    lines = capsys.readouterr().out.split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[3] == ""  # one line per input line
     assert main(["classify", "--checkpoint", str(tmp_path / "base")]) == 2
     assert "not a classifier checkpoint" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from tinygrad_llm.data import (
     DataLoader,
     RandomWindows,
     SlidingWindowDataset,
+    cached_token_files,
     corpus_files,
     load_tokens,
     prepare_corpus,
@@ -37,6 +38,27 @@ def test_gpt2_corpus_separates_documents_with_end_of_text(tmp_path):
     meta = prepare_corpus(["Hello, world", "Hi"], GPT2Tokenizer(), tmp_path, val_fraction=0.0)
     train = load_tokens(tmp_path / "train.bin", meta["dtype"])
     assert list(train) == [15496, 11, 995, 50256, 17250, 50256]
+
+
+def test_document_separators_reach_both_splits(tmp_path):
+    text = "To be, or not to be, that is the question. " * 20
+    meta = prepare_corpus([text, text], GPT2Tokenizer(), tmp_path, val_fraction=0.1)
+    for split in ("train", "val"):
+        tokens = load_tokens(tmp_path / f"{split}.bin", meta["dtype"])
+        assert list(tokens).count(50256) == 2, split  # each document's part ends with one
+        assert tokens[-1] == 50256
+
+
+def test_cached_tokens_are_rebuilt_when_what_built_them_changes(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abcdefghij" * 100)
+    tokenizer = CharTokenizer.from_text("abcdefghij")
+    train, val = cached_token_files(corpus, tokenizer, tmp_path / "data", val_fraction=0.1)
+    assert (len(train), len(val)) == (900, 100) and "tokenizing" in capsys.readouterr().err
+    cached_token_files(corpus, tokenizer, tmp_path / "data", val_fraction=0.1)
+    assert "tokenizing" not in capsys.readouterr().err  # reused
+    train, val = cached_token_files(corpus, tokenizer, tmp_path / "data", val_fraction=0.2)
+    assert (len(train), len(val)) == (800, 200)  # another split: rebuilt, not silently reused
 
 
 def test_missing_or_empty_corpus_is_a_clear_error(tmp_path):

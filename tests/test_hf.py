@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from tinygrad_llm import backend, hf
-from tinygrad_llm.checkpoint import load_model
+from tinygrad_llm.loading import load_model
 from tinygrad_llm.models.gpt import GPT, GPTConfig
 from tinygrad_llm.tokenizer import GPT2Tokenizer
 

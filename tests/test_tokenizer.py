@@ -2,6 +2,7 @@
 
 import pytest
 
+from tinygrad_llm.data import SHAKESPEARE, read_corpus
 from tinygrad_llm.tokenizer import (
     CharTokenizer,
     GPT2Tokenizer,
@@ -27,6 +28,13 @@ def test_gpt2_splits_unknown_words_into_subwords_and_round_trips():
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
+def test_gpt2_made_up_words_become_the_six_pieces_docs_show():
+    tokenizer = GPT2Tokenizer()  # docs/tokenization.md: " ier" is one piece but not one token
+    ids = tokenizer.encode("Akwirw ier")
+    assert ids == [33901, 86, 343, 86, 220, 959]
+    assert [tokenizer.decode([i]) for i in ids] == ["Ak", "w", "ir", "w", " ", "ier"]
+
+
 def test_gpt2_special_token_can_be_kept_as_text():
     tokenizer = GPT2Tokenizer()
     assert 50256 not in tokenizer.encode("<|endoftext|>", allow_special=False)
@@ -39,6 +47,14 @@ def test_char_tokenizer_round_trips_and_rejects_unknown_characters():
     assert tokenizer.encode(" ") == [0]  # sorted: space first
     with pytest.raises(ValueError, match="'z' is not in"):
         tokenizer.encode("zoo")
+
+
+def test_shakespeare_characters_include_z_but_not_hash():
+    tokenizer = CharTokenizer.from_text("".join(read_corpus(SHAKESPEARE)))
+    assert tokenizer.vocab_size == 84
+    assert tokenizer.decode(tokenizer.encode("Zounds")) == "Zounds"
+    with pytest.raises(ValueError, match="'#' is not in"):
+        tokenizer.encode("#")
 
 
 @pytest.mark.parametrize("tokenizer", [GPT2Tokenizer(), CharTokenizer.from_text("abc\n")])

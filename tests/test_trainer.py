@@ -10,7 +10,13 @@ from tinygrad_llm import backend
 from tinygrad_llm.checkpoint import load_checkpoint
 from tinygrad_llm.models.gpt import GPT, GPTConfig
 from tinygrad_llm.tokenizer import CharTokenizer
-from tinygrad_llm.trainer import TrainConfig, Trainer, read_metrics
+from tinygrad_llm.trainer import (
+    LanguageModelingTask,
+    NonFiniteLossError,
+    PretrainConfig,
+    Trainer,
+    read_metrics,
+)
 
 TEXT = "to be or not to be, that is the question. " * 40
 TOKENIZER = CharTokenizer.from_text(TEXT)
@@ -21,11 +27,12 @@ MODEL = GPTConfig(vocab_size=TOKENIZER.vocab_size, context_length=16, n_layer=1,
 
 def make_trainer(out_dir, **overrides):
     backend.manual_seed(0)
-    config = TrainConfig(**{"max_steps": 8, "batch_size": 4, "grad_accum_steps": 2,
-                            "learning_rate": 3e-3, "warmup_steps": 2, "eval_interval": 2,
-                            "eval_batches": 2, "sample_tokens": 8, "seed": 0, **overrides})
-    return Trainer(GPT(MODEL), TOKENIZER, TOKENS[:1500], TOKENS[1500:], config, out_dir,
-                   show_progress=False)
+    config = PretrainConfig(**{"max_steps": 8, "batch_size": 4, "grad_accum_steps": 2,
+                               "learning_rate": 3e-3, "warmup_steps": 2, "eval_interval": 2,
+                               "eval_batches": 2, "sample_tokens": 8, "seed": 0, **overrides})
+    task = LanguageModelingTask(TOKENIZER, TOKENS[:1500], TOKENS[1500:], MODEL.context_length,
+                                config)
+    return Trainer(GPT(MODEL), task, config, out_dir, show_progress=False, log=lambda line: None)
 
 
 def test_training_lowers_the_loss_and_logs_every_evaluation(tmp_path):
@@ -46,6 +53,7 @@ def test_a_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tmp_path):
     make_trainer(tmp_path / "straight").train()
 
     make_trainer(tmp_path / "split").train(until_step=5)  # stops between two evaluations
+    backend.manual_seed(12345)  # whatever the generators did in between does not matter
     resumed = make_trainer(tmp_path / "split")
     resumed.resume(load_checkpoint(tmp_path / "split" / "checkpoint"))
     assert resumed.step == 5
@@ -72,9 +80,35 @@ def test_ctrl_c_finishes_the_step_and_saves(tmp_path):
 
 
 def test_resuming_from_an_inference_checkpoint_is_refused(tmp_path):
-    from tinygrad_llm.checkpoint import save_model
+    from tinygrad_llm.loading import save_model
 
     trainer = make_trainer(tmp_path)
     save_model(tmp_path / "plain", trainer.model, TOKENIZER)
     with pytest.raises(ValueError, match="no training state"):
         trainer.resume(load_checkpoint(tmp_path / "plain"))
+
+
+def test_every_step_reseeds_every_device_from_seed_and_step(tmp_path):
+    # dropout masks come from the generators of the model's device; deriving them from
+    # (seed, step) is what makes a resume exact on a GPU too, whose state is never saved
+    trainer = make_trainer(tmp_path)
+    trainer.train_step()
+    trainer.train_step()
+    assert backend._seed == backend._seed_int((0, 1))
+
+
+def test_a_non_finite_loss_stops_training_with_a_message(tmp_path):
+    trainer = make_trainer(tmp_path, learning_rate=1e-3)
+    trainer.model.wte.weight.data[:] = np.nan
+    with pytest.raises(NonFiniteLossError, match="diverged"):
+        trainer.train()
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "val_loss": 1.0}\n{"step": 4, "val_lo')
+    assert read_metrics(path) == [{"step": 2, "val_loss": 1.0}]
+    assert "incomplete" in capsys.readouterr().err
+    path.write_text('{"step": 2}\ngarbage\n{"step": 4}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_metrics(path)

@@ -101,10 +101,23 @@ def to_numpy(array) -> np.ndarray:
     return np.asarray(array)
 
 
-def manual_seed(seed: int) -> None:
-    """Reseed the random generators of every device (dropout, initialisation, sampling)."""
+def _seed_int(seed) -> int:
+    """An int seed as is; a tuple of ints such as (seed, step) mixed into one 63-bit int."""
+    if isinstance(seed, (tuple, list)):
+        mixed = np.random.SeedSequence([int(s) for s in seed]).generate_state(1, np.uint64)[0]
+        return int(mixed >> np.uint64(1))
+    return int(seed)
+
+
+def manual_seed(seed) -> None:
+    """Reseed the random generators of every device (dropout, initialisation, sampling).
+
+    ``seed`` is an int, or a tuple of ints such as ``(seed, step)``: the trainer reseeds this way
+    before every step, so the dropout masks of step n are the same whether or not the run was
+    interrupted and resumed before it -- on every device, with no generator state to save.
+    """
     global _seed
-    _seed = int(seed)
+    _seed = _seed_int(seed)
     _generators.clear()
 
 
@@ -115,17 +128,6 @@ def generator(device: str = "cpu"):
         xp = array_module(device)
         _generators[device] = xp.random.default_rng(_seed)
     return _generators[device]
-
-
-def get_rng_state() -> dict:
-    """The CPU generator's state as a JSON-friendly dict (saved with checkpoints)."""
-    return {"seed": _seed, "cpu": generator("cpu").bit_generator.state}
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what ``get_rng_state`` returned."""
-    manual_seed(state["seed"])
-    generator("cpu").bit_generator.state = state["cpu"]
 
 
 def index_add_rows(target, ids, rows) -> None:
@@ -164,6 +166,9 @@ def tune_cpu_allocator() -> bool:
     the heap trim threshold to 1 GiB makes freed buffers get reused, warm. This sped a baby-GPT
     training step up 1.7x here (see docs/performance.md). Linux/glibc only; set
     ``TINYGRAD_LLM_TUNE_MALLOC=0`` to leave the allocator alone. Returns whether it applied.
+
+    It changes the whole process's allocator, so importing the library never does it: programs
+    call it once at start-up (the ``tinygrad-llm`` command and the bench scripts do).
     """
     if os.environ.get("TINYGRAD_LLM_TUNE_MALLOC", "1") == "0":
         return False
@@ -176,6 +181,3 @@ def tune_cpu_allocator() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024) and mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-CPU_ALLOCATOR_TUNED = tune_cpu_allocator()

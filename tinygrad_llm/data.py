@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,22 +53,23 @@ def prepare_corpus(documents: list[str], tokenizer, out_dir, val_fraction: float
     """Tokenize documents into ``out_dir/train.bin`` and ``val.bin`` and describe them in meta.json.
 
     The last ``val_fraction`` of every document goes to validation, so both splits cover every
-    work. With a tokenizer that has an end-of-text token, documents are separated by it.
-    Returns the meta dict (paths, counts, dtype).
+    work. With a tokenizer that has an end-of-text token, each document's part in each split
+    ends with it, so neither split runs one document into the next. Returns the meta dict
+    (paths, counts, dtype).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
+    separator = [] if tokenizer.eot_token is None else [tokenizer.eot_token]
     train_parts, val_parts = [], []
     for text in documents:
         ids = tokenizer.encode(text)
-        if tokenizer.eot_token is not None:
-            ids.append(tokenizer.eot_token)
         cut = int(len(ids) * (1 - val_fraction))
-        train_parts.append(np.asarray(ids[:cut], dtype=dtype))
-        val_parts.append(np.asarray(ids[cut:], dtype=dtype))
+        train_parts.append(np.asarray(ids[:cut] + separator, dtype=dtype))
+        if cut < len(ids):
+            val_parts.append(np.asarray(ids[cut:] + separator, dtype=dtype))
     meta = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
-            "tokenizer": tokenizer.to_config()}
+            "tokenizer": tokenizer.to_config(), "val_fraction": val_fraction}
     for split, parts in (("train", train_parts), ("val", val_parts)):
         tokens = np.concatenate(parts) if parts else np.zeros(0, dtype)
         path = out_dir / f"{split}.bin"
@@ -75,8 +77,39 @@ def prepare_corpus(documents: list[str], tokenizer, out_dir, val_fraction: float
         tokens.tofile(tmp)
         os.replace(tmp, path)
         meta[f"{split}_tokens"] = int(tokens.size)
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
+
+
+def corpus_fingerprint(source) -> list:
+    """Names, sizes and modification times: a cheap test that cached tokens are still current."""
+    return [[str(f), f.stat().st_size, int(f.stat().st_mtime)] for f in corpus_files(source)]
+
+
+def cached_token_files(source, tokenizer, data_dir, val_fraction: float = 0.1) -> tuple:
+    """(train tokens, validation tokens) of a corpus, tokenized into ``data_dir`` once.
+
+    The files are reused only while everything that built them is the same -- the corpus files
+    (names, sizes, times), the tokenizer and the validation fraction -- and rebuilt otherwise.
+    meta.json is written last, so an interrupted build is never mistaken for a finished one.
+    """
+    data_dir = Path(data_dir)
+    meta_path = data_dir / "meta.json"
+    built_from = {"tokenizer": tokenizer.to_config(), "corpus": corpus_fingerprint(source),
+                  "val_fraction": val_fraction}
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = {}  # damaged: rebuild
+    if {k: meta.get(k) for k in built_from} != built_from:
+        print(f"tokenizing {source} ...", file=sys.stderr)
+        meta_path.unlink(missing_ok=True)
+        meta = {**prepare_corpus(read_corpus(source), tokenizer, data_dir, val_fraction),
+                **built_from}
+        tmp = meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, meta_path)
+    return (load_tokens(data_dir / "train.bin", meta["dtype"]),
+            load_tokens(data_dir / "val.bin", meta["dtype"]))
 
 
 def load_tokens(path, dtype="uint16") -> np.ndarray:
@@ -86,6 +119,10 @@ def load_tokens(path, dtype="uint16") -> np.ndarray:
 
 class SlidingWindowDataset:
     """Windows of ``context_length`` ids every ``stride`` tokens, with targets shifted by one.
+
+    The teaching version (the book's ``GPTDatasetV1``): every window listed up front, read in
+    order or shuffled by ``DataLoader``. Training uses ``RandomWindows``, which draws windows at
+    random offsets and needs no list, for corpora of any size.
 
     ``stride == context_length`` tiles the text without overlap; a smaller stride overlaps.
     """
@@ -109,7 +146,8 @@ class SlidingWindowDataset:
 
 
 class DataLoader:
-    """Batches of a dataset: (inputs (B, T), targets (B, T)), shuffled per epoch with a seed."""
+    """Batches of a dataset: (inputs (B, T), targets (B, T)), shuffled per epoch with a seed
+    (the teaching companion of ``SlidingWindowDataset``; see ``RandomWindows``)."""
 
     def __init__(self, dataset, batch_size: int, shuffle: bool = True, drop_last: bool = True,
                  seed: int = 0):

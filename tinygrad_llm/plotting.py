@@ -41,3 +41,19 @@ def plot_curves(path, x_label: str, panels: dict) -> bool:
     fig.savefig(Path(path), dpi=100)
     plt.close(fig)
     return True
+
+
+def plot_metrics(records: list, path) -> bool:
+    """The curves of a run's evaluations (metrics.jsonl records) against step: a loss panel
+    (train and validation) and, when the records have them, an accuracy panel."""
+    if not records:
+        return False
+    steps = [r["step"] for r in records]
+    panels = {}
+    for metric, label in (("loss", "cross-entropy loss (nats per token)"),
+                          ("accuracy", "accuracy")):
+        series = {split: (steps, [r[f"{split}_{metric}"] for r in records])
+                  for split in ("train", "val") if f"{split}_{metric}" in records[0]}
+        if series:
+            panels[label] = series
+    return bool(panels) and plot_curves(path, "step", panels)

@@ -50,10 +50,6 @@ class GPT2Tokenizer:
     def decode(self, ids) -> str:
         return self._encoding.decode([int(i) for i in ids])
 
-    def decode_bytes(self, ids) -> bytes:
-        """Raw bytes (a token can end inside a multi-byte character; streaming needs this)."""
-        return self._encoding.decode_bytes([int(i) for i in ids])
-
     def to_config(self) -> dict:
         return {"type": "gpt2"}
 

@@ -1,19 +1,34 @@
-"""The pretraining loop: step, accumulate, clip, schedule, evaluate, log, checkpoint, resume.
+"""One optimizer step and one training loop, shared by every training command.
 
-One optimizer step:
-    for each of grad_accum_steps micro-batches:  loss = model.loss(x, y) / accum
+One optimizer step (``Trainer.train_step``):
+    for each of grad_accum_steps micro-batches:  loss = task.loss(model, batch) / accum
                                                  loss.backward()      (gradients add up)
-    clip the global gradient norm; set the learning rate from the schedule; AdamW step.
+    clip the global gradient norm; set the learning rate from the schedule; AdamW step; zero.
 
-Every ``eval_interval`` steps: mean loss on fixed train and validation batches, one line in
-``metrics.jsonl``, a generated sample, and a checkpoint. Ctrl-C finishes the current step, saves a
-checkpoint and stops; ``resume`` continues exactly where the checkpoint left off.
+The loop (``Trainer.train``): steps until ``max_steps``; every ``eval_interval`` steps it
+evaluates, appends one line to ``metrics.jsonl``, remembers the best evaluation and saves a
+checkpoint. Ctrl-C finishes the current step, saves and stops; ``resume`` continues exactly where
+a checkpoint left off (the random streams are reseeded from (seed, step) before every step, so
+dropout replays identically on every device).
+
+What is being learned is a *task*, an object with these methods (pretraining's is
+``LanguageModelingTask`` below, classification's in ``finetune/classification.py``):
+
+    next_batch() -> tuple              the next micro-batch; its first array holds token ids
+    loss(model, batch) -> Tensor       the scalar to minimise
+    evaluate(model) -> dict            metrics, e.g. {"train_loss": ..., "val_loss": ...}
+    score(record) -> tuple             higher is better: which evaluation is the best
+    after_evaluation(model) -> str | None   text to show after an evaluation (a sample)
+    state() -> dict, load_state(dict)  the data position, saved with checkpoints
+    save(directory, model, state, optimizer)   write a checkpoint
 """
 
 from __future__ import annotations
 
 import json
+import math
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,64 +37,64 @@ import numpy as np
 from tqdm import tqdm
 
 from . import backend
-from .checkpoint import save_model
 from .data import RandomWindows
 from .generate import generate
+from .loading import save_model
 from .optim import AdamW, clip_grad_norm, cosine_schedule
-from .plotting import plot_curves
+from .plotting import plot_metrics
 from .tensor import no_grad
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or infinite: training diverged (or the data/weights are broken)."""
 
 
 @dataclass
 class TrainConfig:
+    """How every training command optimises: the step and the loop around it."""
+
     max_steps: int = 2000
     batch_size: int = 12
     grad_accum_steps: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
+    learning_rate: float = 1e-3  # peak, reached after the warmup
+    min_lr: float = 1e-4  # the end of the cosine decay
     warmup_steps: int = 100
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # decoupled, matrices only
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     eval_interval: int = 250
-    eval_batches: int = 20
-    sample_prompt: str = "\n"
-    sample_tokens: int = 200
     seed: int = 1337
+    keep_best: bool = False  # end with the weights of the best evaluation instead of the last
+    checkpoint_every_evaluation: bool = True  # save (and so make resumable) at each evaluation
 
     @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
+    def from_dict(cls, values: dict):
+        """The config saved in a checkpoint (unknown keys of other versions are ignored)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
 class Trainer:
-    """Trains a GPT on token arrays and writes everything into ``out_dir``."""
+    """Trains ``model`` on ``task`` with AdamW and writes metrics and checkpoints into out_dir."""
 
-    def __init__(self, model, tokenizer, train_tokens, val_tokens, config: TrainConfig, out_dir,
-                 show_progress: bool = True):
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+    def __init__(self, model, task, config: TrainConfig, out_dir, show_progress: bool = True,
+                 log=None):
+        self.model, self.task, self.config = model, task, config
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir = self.out_dir / "checkpoint"
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.show_progress = show_progress
-        context = model.config.context_length
-        backend.manual_seed(config.seed)  # dropout masks
-        self.batches = RandomWindows(train_tokens, context, config.batch_size, seed=config.seed)
-        # evaluation always uses the same batches, so losses are comparable across steps
-        self.eval_sets = {
-            split: [RandomWindows(tokens, context, config.batch_size, seed=config.seed + k)
-                    .next_batch() for _ in range(config.eval_batches)]
-            for k, (split, tokens) in enumerate((("train", train_tokens), ("val", val_tokens)), 1)
-        }
+        self.log_line = log  # where evaluations are reported (default: above the progress bar)
         self.optimizer = AdamW(model.parameters(), lr=config.learning_rate,
                                betas=(config.beta1, config.beta2),
                                weight_decay=config.weight_decay)
         self.step = 0
-        self.last_sample: str | None = None  # the text generated at the latest evaluation
-        self.tokens_per_step = config.batch_size * config.grad_accum_steps * context
+        self.history: list[dict] = []  # every evaluation's record
+        self.best: dict | None = None  # the record of the best evaluation so far
+        self._best_weights: dict | None = None
+        self.last_text: str | None = None  # what after_evaluation showed last
         self.stop_requested = False
 
     # ------------------------------------------------------------------------ one step
@@ -89,53 +104,70 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step over grad_accum_steps micro-batches; returns the mean loss."""
-        accum = self.config.grad_accum_steps
-        total = 0.0
-        for _ in range(accum):
-            inputs, targets = self.batches.next_batch()  # (B, T), (B, T)
-            loss = self.model.loss(inputs, targets)  # cross-entropy, LM head fused in
-            (loss * (1.0 / accum)).backward()  # gradients of the micro-batches add up
+        c = self.config
+        backend.manual_seed((c.seed, self.step))  # dropout of step n is the same after a resume
+        total, tokens = 0.0, 0
+        for _ in range(c.grad_accum_steps):
+            batch = self.task.next_batch()
+            loss = self.task.loss(self.model, batch)
+            (loss * (1.0 / c.grad_accum_steps)).backward()  # gradients of micro-batches add up
             total += loss.item()
-        if self.config.grad_clip:
-            clip_grad_norm(self.optimizer.params, self.config.grad_clip)
+            tokens += batch[0].size
+        mean_loss = total / c.grad_accum_steps
+        if not math.isfinite(mean_loss):
+            self.optimizer.zero_grad()
+            raise NonFiniteLossError(
+                f"the training loss became {mean_loss} at step {self.step + 1}: training "
+                "diverged. Lower --lr (or raise --warmup), or check the data and the starting "
+                f"weights; the last good checkpoint is in {self.checkpoint_dir}")
+        if c.grad_clip:
+            clip_grad_norm(self.optimizer.params, c.grad_clip)
         self.optimizer.lr = self.learning_rate(self.step)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.step += 1
-        return total / accum
+        self.last_step_tokens = tokens
+        return mean_loss
 
     # ---------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
-        """Mean loss over the fixed train and validation batches."""
+        """The task's metrics, in eval mode and without recording a graph."""
         self.model.eval()
-        losses = {}
-        with no_grad():
-            for split, batches in self.eval_sets.items():
-                values = [self.model.loss(x, y).item() for x, y in batches]
-                losses[f"{split}_loss"] = float(np.mean(values))
-        self.model.train()
-        return losses
-
-    def sample(self) -> str:
         try:
-            prompt = self.tokenizer.encode(self.config.sample_prompt) or [0]
-        except ValueError:  # a character the corpus never had: start from the first token
-            prompt = [0]
-        new = generate(self.model, [prompt], self.config.sample_tokens, temperature=0.8, top_k=200,
-                       eos_token=self.tokenizer.eot_token, seed=self.config.seed)
-        return self.tokenizer.decode(prompt + new[0])
+            with no_grad():
+                metrics = self.task.evaluate(self.model)
+        finally:
+            self.model.train()
+        bad = [name for name, value in metrics.items()
+               if isinstance(value, float) and not math.isfinite(value)]
+        if bad:
+            raise NonFiniteLossError(f"evaluation at step {self.step} gave non-finite "
+                                     f"{', '.join(bad)}: training diverged")
+        return metrics
+
+    def _remember(self, record: dict) -> None:
+        """Keep the record (and, with keep_best, a copy of the weights) if it is the best."""
+        self.history.append(record)
+        if self.best is None or self.task.score(record) > self.task.score(self.best):
+            self.best = record
+            if self.config.keep_best:
+                self._best_weights = {name: p.data.copy()
+                                      for name, p in self.model.named_parameters()
+                                      if p.requires_grad}
+
+    def restore_best(self) -> None:
+        """Put back the weights of the best evaluation (``keep_best``)."""
+        if self._best_weights is None:
+            return
+        parameters = dict(self.model.named_parameters())
+        for name, data in self._best_weights.items():
+            parameters[name].data = data
 
     # ---------------------------------------------------------------------- checkpoints
     def save(self) -> None:
-        state = {
-            "step": self.step,
-            "optimizer_steps": self.optimizer.step_count,
-            "rng": backend.get_rng_state(),
-            "batches": self.batches.state(),
-            "train": asdict(self.config),
-        }
-        save_model(self.checkpoint_dir, self.model, self.tokenizer, state, self.optimizer,
-                   extra={"train": asdict(self.config)})
+        state = {"step": self.step, "optimizer_steps": self.optimizer.step_count,
+                 "data": self.task.state(), "train": asdict(self.config)}
+        self.task.save(self.checkpoint_dir, self.model, state, self.optimizer)
 
     def resume(self, checkpoint: dict) -> None:
         """Continue from a checkpoint dict (``checkpoint.load_checkpoint``) of this run."""
@@ -147,17 +179,15 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.optimizer.step_count = state["optimizer_steps"]
         self.step = state["step"]
-        backend.set_rng_state(state["rng"])
-        self.batches.load_state(state["batches"])
-        self._drop_metrics_after(self.step)
+        self.task.load_state(state["data"])
+        kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
+        self._write_metrics(kept)  # evaluations newer than the checkpoint will be redone
+        self.history, self.best = [], None
+        for record in kept:
+            self._remember(record)
 
-    def _drop_metrics_after(self, step: int) -> None:
-        """Forget logged evaluations newer than the checkpoint (they will be redone)."""
-        if not self.metrics_path.exists():
-            return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+    def _write_metrics(self, records: list) -> None:
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def log(self, record: dict) -> None:
         with self.metrics_path.open("a") as f:
@@ -176,12 +206,12 @@ class Trainer:
         interval_start, interval_tokens = time.perf_counter(), 0
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not self.show_progress,
                    unit="step", dynamic_ncols=True)
+        write = self.log_line or bar.write
         try:
             while self.step < stop_at and not self.stop_requested:
                 loss = self.train_step()
-                interval_tokens += self.tokens_per_step
-                elapsed = time.perf_counter() - interval_start
-                tokens_per_s = interval_tokens / max(elapsed, 1e-9)
+                interval_tokens += self.last_step_tokens
+                tokens_per_s = interval_tokens / max(time.perf_counter() - interval_start, 1e-9)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.lr:.2e}",
                                 tok_s=f"{tokens_per_s:,.0f}", refresh=False)
@@ -189,23 +219,27 @@ class Trainer:
                     record = {"step": self.step, **self.evaluate(), "lr": self.optimizer.lr,
                               "tokens_per_s": tokens_per_s}
                     self.log(record)
-                    bar.write(f"step {self.step}: train loss {record['train_loss']:.4f}, "
-                              f"val loss {record['val_loss']:.4f}")
-                    if c.sample_tokens:
-                        self.last_sample = self.sample()
-                        bar.write(f"--- sample ---\n{self.last_sample}\n--------------")
-                    self.save()
-                    plot_metrics(self.metrics_path, self.out_dir / "loss.png")
+                    self._remember(record)
+                    write(format_record(record))
+                    self.last_text = self.task.after_evaluation(self.model)
+                    if self.last_text:
+                        write(f"--- sample ---\n{self.last_text}\n--------------")
+                    if c.checkpoint_every_evaluation:
+                        self.save()
+                    plot_metrics(self.history, self.out_dir / "loss.png")
                     interval_start, interval_tokens = time.perf_counter(), 0
-            if self.stop_requested or self.step == stop_at < c.max_steps:
+            interrupted = self.stop_requested or self.step == stop_at < c.max_steps
+            if interrupted and c.checkpoint_every_evaluation:
                 self.save()  # interrupted or stopped early: keep the exact position
                 if self.stop_requested:
-                    bar.write(f"interrupted: checkpoint saved at step {self.step} in "
-                              f"{self.checkpoint_dir}; continue with --resume")
+                    write(f"interrupted: checkpoint saved at step {self.step} in "
+                          f"{self.checkpoint_dir}; continue with --resume")
         finally:
             bar.close()
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
+        if c.keep_best:
+            self.restore_best()
         return record
 
     def _install_interrupt_handler(self):
@@ -214,6 +248,8 @@ class Trainer:
             if self.stop_requested:
                 raise KeyboardInterrupt
             self.stop_requested = True
+            print("\nstopping after this step (Ctrl-C again to stop at once, without saving)",
+                  file=sys.stderr)
 
         try:
             return signal.signal(signal.SIGINT, handler)
@@ -221,14 +257,102 @@ class Trainer:
             return None
 
 
+def format_record(record: dict) -> str:
+    """One evaluation as a line: step 250: train_loss 2.1234, val_loss 2.2345 ..."""
+    shown = [f"{k} {v:.4f}" for k, v in record.items()
+             if k not in ("step", "lr", "tokens_per_s", "epoch") and isinstance(v, float)]
+    epoch = f" (epoch {record['epoch']})" if "epoch" in record else ""
+    return f"step {record['step']}{epoch}: " + ", ".join(shown)
+
+
 def read_metrics(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl; a torn last line (a kill mid-write) is dropped with a
+    warning, a damaged line elsewhere is an error that names it."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError
+        except ValueError:
+            if number == len(lines):
+                print(f"warning: {path}, line {number} is incomplete (a run was killed while "
+                      "writing it); dropping it", file=sys.stderr)
+                continue
+            raise ValueError(f"{path}, line {number}: not a metrics record; the file is "
+                             "damaged") from None
+        records.append(record)
+    return records
 
 
-def plot_metrics(metrics_path, png_path) -> bool:
-    """Draw train/validation loss against step; False (and nothing drawn) without matplotlib."""
-    records = read_metrics(metrics_path)
-    steps = [r["step"] for r in records]
-    curves = {split: (steps, [r[f"{split}_loss"] for r in records]) for split in ("train", "val")}
-    return bool(records) and plot_curves(png_path, "step",
-                                         {"cross-entropy loss (nats per token)": curves})
+# ============================================================== pretraining's task
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Pretraining: the shared settings plus evaluation batches and the samples it shows."""
+
+    eval_batches: int = 20  # fixed batches per split at each evaluation
+    sample_prompt: str = "\n"
+    sample_tokens: int = 200  # 0: no samples
+    sample_temperature: float = 0.8
+    sample_top_k: int = 200
+
+
+class LanguageModelingTask:
+    """Next-token prediction on random windows of a token array (nanoGPT's pretraining)."""
+
+    def __init__(self, tokenizer, train_tokens, val_tokens, context_length: int,
+                 config: PretrainConfig, extra: dict | None = None):
+        self.tokenizer, self.config = tokenizer, config
+        self.extra = extra or {}  # more entries for the checkpoints' config.json
+        self.batches = RandomWindows(train_tokens, context_length, config.batch_size,
+                                     seed=config.seed)
+        # evaluation always uses the same batches, so losses are comparable across steps
+        self.eval_sets = {
+            split: [RandomWindows(tokens, context_length, config.batch_size, seed=config.seed + k)
+                    .next_batch() for _ in range(config.eval_batches)]
+            for k, (split, tokens) in enumerate((("train", train_tokens), ("val", val_tokens)), 1)
+        }
+
+    def next_batch(self):
+        return self.batches.next_batch()  # inputs (B, T), targets (B, T)
+
+    def loss(self, model, batch):
+        inputs, targets = batch
+        return model.loss(inputs, targets)  # cross-entropy, LM head fused in
+
+    def evaluate(self, model) -> dict:
+        """Mean loss over the fixed train and validation batches."""
+        return {f"{split}_loss": float(np.mean([model.loss(x, y).item() for x, y in batches]))
+                for split, batches in self.eval_sets.items()}
+
+    def score(self, record: dict) -> tuple:
+        return (-record["val_loss"],)
+
+    def after_evaluation(self, model) -> str | None:
+        return self.sample(model) if self.config.sample_tokens else None
+
+    def sample(self, model) -> str:
+        c = self.config
+        try:
+            prompt = self.tokenizer.encode(c.sample_prompt) or [0]
+        except ValueError:  # a character the corpus never had: start from the first token
+            prompt = [0]
+        new = generate(model, [prompt], c.sample_tokens, temperature=c.sample_temperature,
+                       top_k=c.sample_top_k, eos_token=self.tokenizer.eot_token, seed=c.seed)
+        return self.tokenizer.decode(prompt + new[0])
+
+    def state(self) -> dict:
+        return self.batches.state()
+
+    def load_state(self, state: dict) -> None:
+        self.batches.load_state(state)
+
+    def save(self, directory, model, state, optimizer) -> None:
+        save_model(directory, model, self.tokenizer, state, optimizer,
+                   extra={"train": asdict(self.config), **self.extra})

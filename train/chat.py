@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinygrad_llm.checkpoint import load_model
 from tinygrad_llm.finetune.instruction import STOP_STRINGS, format_prompt
 from tinygrad_llm.generate import stream_text
+from tinygrad_llm.loading import load_model
 from tinygrad_llm.train.sample import add_sampling_arguments, sampling_options
 
 
@@ -102,17 +102,13 @@ def chat_loop(session: ChatSession, read=input, write=sys.stdout.write) -> None:
 
 
 def run(args) -> int:
-    try:
-        model, tokenizer, _ = load_model(args.checkpoint, args.device)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model, tokenizer, _ = load_model(args.checkpoint, args.device)
     options = sampling_options(args)
     chat_loop(ChatSession(model, tokenizer, options, args.template))
     return 0
 
 
 if __name__ == "__main__":
-    from tinygrad_llm.train import standalone
+    from tinygrad_llm.train.cli import run_standalone
 
-    raise SystemExit(standalone(add_arguments, run, __doc__))
+    raise SystemExit(run_standalone(sys.modules[__name__]))

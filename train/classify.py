@@ -16,35 +16,32 @@ from tinygrad_llm.finetune.classification import load_classifier, predict
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="classifier folder (finetune-classifier --out) or its checkpoint/")
-    parser.add_argument("text", nargs="*", help="text to classify (default: lines of stdin)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("text", nargs="*",
+                        help="text to classify (default: each line of stdin; a blank line "
+                             "gets an empty output line, so output lines match input lines)")
+    parser.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda (CuPy)")
 
 
 def run(args) -> int:
     folder = Path(args.checkpoint)
     if (folder / "checkpoint").is_dir():
         folder = folder / "checkpoint"
-    try:
-        model, tokenizer, labels, max_length = load_classifier(folder, args.device)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    texts = [" ".join(args.text)] if args.text else [line.rstrip("\n") for line in sys.stdin
-                                                     if line.strip()]
-    if not texts:
-        return 0
-    try:
-        probabilities = predict(model, tokenizer, texts, max_length)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for probs in probabilities:
+    model, tokenizer, labels, max_length = load_classifier(folder, args.device)
+    texts = [" ".join(args.text)] if args.text else [line.rstrip("\r\n") for line in sys.stdin]
+    real = [i for i, text in enumerate(texts) if text.strip()]
+    probabilities = dict(zip(real, predict(model, tokenizer, [texts[i] for i in real],
+                                           max_length), strict=True)) if real else {}
+    for i in range(len(texts)):
+        if i not in probabilities:
+            print()  # a blank input line: nothing to classify, but keep the lines aligned
+            continue
+        probs = probabilities[i]
         best = int(probs.argmax())
         print(f"{labels[best]}\t{probs[best]:.4f}")
     return 0
 
 
 if __name__ == "__main__":
-    from tinygrad_llm.train import standalone
+    from tinygrad_llm.train.cli import run_standalone
 
-    raise SystemExit(standalone(add_arguments, run, __doc__))
+    raise SystemExit(run_standalone(sys.modules[__name__]))

@@ -6,13 +6,20 @@
     tinygrad-llm download   gpt2 --out DIR                    OpenAI's GPT-2 weights
     tinygrad-llm finetune-classifier --checkpoint BASE --out DIR   e.g. spam detection
     tinygrad-llm classify   --checkpoint DIR "text"           label and probability
+
+Mistakes in the input end the command with a one-line message and exit code 2 (130 after
+Ctrl-C); ``--debug`` (or TINYGRAD_LLM_DEBUG=1) shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
+from tinygrad_llm import backend
 from tinygrad_llm.train import chat, classify, download, finetune_classifier, pretrain, sample
+from tinygrad_llm.train.options import HelpFormatter, UserError, given_flags
 
 COMMANDS = {
     "pretrain": (pretrain, "pretrain a GPT on a text corpus"),
@@ -24,17 +31,59 @@ COMMANDS = {
 }
 
 
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (for bug reports)")
+
+
+def execute(run, args) -> int:
+    """Run a command; turn user errors into one line on stderr and an exit code."""
+    debug = getattr(args, "debug", False) or os.environ.get("TINYGRAD_LLM_DEBUG") == "1"
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("\ninterrupted at once: nothing was saved after the last checkpoint, which is "
+              "intact", file=sys.stderr)
+        return 130
+    except (UserError, OSError, ValueError, RuntimeError) as error:
+        if debug:
+            raise
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"error: {message or type(error).__name__}", file=sys.stderr)
+        return 2
+
+
+def run_standalone(module, argv=None) -> int:
+    """``python train/NAME.py ...``: one script with the same parsing and error handling."""
+    parser = argparse.ArgumentParser(description=module.__doc__, formatter_class=HelpFormatter)
+    module.add_arguments(parser)
+    add_common_arguments(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.given = given_flags(parser, argv)
+    backend.tune_cpu_allocator()
+    return execute(module.run, args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tinygrad-llm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = {}
     for name, (module, help_text) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=module.__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  formatter_class=HelpFormatter)
         module.add_arguments(sub)
+        add_common_arguments(sub)
         sub.set_defaults(run=module.run)
+        subparsers[name] = sub
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    return args.run(args)
+    args.given = given_flags(subparsers[args.command], argv[argv.index(args.command) + 1:])
+    backend.tune_cpu_allocator()  # reuse freed buffers warm: see docs/performance.md
+    return execute(args.run, args)
 
 
 if __name__ == "__main__":

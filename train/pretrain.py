@@ -3,154 +3,250 @@
     tinygrad-llm pretrain                                  # baby char-level GPT on Shakespeare
     tinygrad-llm pretrain --tokenizer gpt2 --out base      # the same on GPT-2 tokens
     tinygrad-llm pretrain --out run --resume               # continue an interrupted run
-    tinygrad-llm pretrain --init-from base/checkpoint --data my_texts/ --out more
+    tinygrad-llm pretrain --init-from base --data my_texts/ --out more
                                                            # continued pretraining on new text
+
+--resume restores everything from the run folder: the corpus, tokenizer, model, every training
+setting, the optimizer and the data position. Only --steps (to train longer), --device and
+--quiet may change; any other flag that contradicts the saved run is an error.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from tinygrad_llm import backend, plotting
-from tinygrad_llm.checkpoint import is_checkpoint, load_checkpoint, load_model
-from tinygrad_llm.data import SHAKESPEARE, corpus_files, load_tokens, prepare_corpus, read_corpus
-from tinygrad_llm.models.gpt import GPT, PRESETS, GPTConfig, preset
+from tinygrad_llm.checkpoint import is_checkpoint, load_checkpoint
+from tinygrad_llm.data import SHAKESPEARE, cached_token_files, read_corpus
+from tinygrad_llm.loading import build_model, check_finite, load_model
+from tinygrad_llm.models.gpt import PRESETS, preset
+from tinygrad_llm.nn import Dropout
 from tinygrad_llm.plotting import INSTALL_HINT
 from tinygrad_llm.tokenizer import get_tokenizer, tokenizer_from_config
-from tinygrad_llm.trainer import TrainConfig, Trainer
+from tinygrad_llm.trainer import LanguageModelingTask, PretrainConfig, Trainer
+from tinygrad_llm.train.options import (
+    UserError,
+    check_out_folder,
+    nonnegative_float,
+    nonnegative_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+    probability,
+)
 
-DEFAULTS = TrainConfig()
+DEFAULTS = PretrainConfig()
+# flag dest -> PretrainConfig field: the training settings a resumed run takes from its folder
+TRAIN_FLAGS = {"batch_size": "batch_size", "grad_accum": "grad_accum_steps",
+               "lr": "learning_rate", "min_lr": "min_lr", "warmup": "warmup_steps",
+               "weight_decay": "weight_decay", "grad_clip": "grad_clip",
+               "eval_interval": "eval_interval", "eval_batches": "eval_batches",
+               "prompt": "sample_prompt", "sample_tokens": "sample_tokens", "seed": "seed"}
+MODEL_FLAGS = ("preset", "n_layer", "n_head", "n_embd", "context_length", "tie_weights")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=str(SHAKESPEARE),
                       help="a .txt file or a folder of them (default: bundled Shakespeare)")
-    data.add_argument("--tokenizer", choices=["char", "gpt2"], default="char")
-    data.add_argument("--val-fraction", type=float, default=0.1)
-    model = parser.add_argument_group("model")
-    model.add_argument("--preset", choices=sorted(PRESETS), default="baby")
-    model.add_argument("--n-layer", type=int)
-    model.add_argument("--n-head", type=int)
-    model.add_argument("--n-embd", type=int)
-    model.add_argument("--context-length", type=int)
-    model.add_argument("--dropout", type=float, default=0.0)
+    data.add_argument("--tokenizer", choices=["char", "gpt2"], default="char",
+                      help="characters of the corpus, or GPT-2's BPE (50,257 tokens)")
+    data.add_argument("--val-fraction", type=open_fraction, default=0.1,
+                      help="the last part of every document kept for validation")
+    model = parser.add_argument_group("model (a new one; see --init-from)")
+    model.add_argument("--preset", choices=sorted(PRESETS), default="baby",
+                       help="model size; the flags below override its values")
+    model.add_argument("--n-layer", type=positive_int, help="transformer blocks")
+    model.add_argument("--n-head", type=positive_int, help="attention heads per block")
+    model.add_argument("--n-embd", type=positive_int, help="width of the residual stream")
+    model.add_argument("--context-length", type=positive_int, help="tokens per window")
+    model.add_argument("--dropout", type=probability, default=0.0,
+                       help="dropout probability while training")
     model.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None,
                        help="share the token embedding with the LM head (default: the preset's)")
     train = parser.add_argument_group("training")
-    train.add_argument("--steps", type=int, default=DEFAULTS.max_steps)
-    train.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    train.add_argument("--grad-accum", type=int, default=DEFAULTS.grad_accum_steps)
-    train.add_argument("--lr", type=float, default=DEFAULTS.learning_rate)
-    train.add_argument("--min-lr", type=float, default=DEFAULTS.min_lr)
-    train.add_argument("--warmup", type=int, default=DEFAULTS.warmup_steps)
-    train.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
-    train.add_argument("--grad-clip", type=float, default=DEFAULTS.grad_clip)
-    train.add_argument("--eval-interval", type=int, default=DEFAULTS.eval_interval)
-    train.add_argument("--eval-batches", type=int, default=DEFAULTS.eval_batches)
-    train.add_argument("--prompt", default=DEFAULTS.sample_prompt, help="prompt of the samples")
-    train.add_argument("--sample-tokens", type=int, default=DEFAULTS.sample_tokens)
-    train.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    train.add_argument("--steps", type=positive_int, default=DEFAULTS.max_steps,
+                       help="optimizer steps in all (the schedule's length)")
+    train.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size,
+                       help="windows per micro-batch")
+    train.add_argument("--grad-accum", type=positive_int, default=DEFAULTS.grad_accum_steps,
+                       help="micro-batches per optimizer step")
+    train.add_argument("--lr", type=positive_float, default=DEFAULTS.learning_rate,
+                       help="peak learning rate, after the warmup")
+    train.add_argument("--min-lr", type=nonnegative_float, default=DEFAULTS.min_lr,
+                       help="learning rate at the end of the cosine decay")
+    train.add_argument("--warmup", type=nonnegative_int, default=DEFAULTS.warmup_steps,
+                       help="steps of linear warmup")
+    train.add_argument("--weight-decay", type=nonnegative_float, default=DEFAULTS.weight_decay,
+                       help="AdamW's decoupled weight decay (matrices only)")
+    train.add_argument("--grad-clip", type=nonnegative_float, default=DEFAULTS.grad_clip,
+                       help="clip the global gradient norm to this (0: no clipping)")
+    train.add_argument("--eval-interval", type=positive_int, default=DEFAULTS.eval_interval,
+                       help="evaluate, log, sample and checkpoint every this many steps")
+    train.add_argument("--eval-batches", type=positive_int, default=DEFAULTS.eval_batches,
+                       help="batches per split at each evaluation")
+    train.add_argument("--prompt", default=DEFAULTS.sample_prompt,
+                       help="prompt of the samples shown at each evaluation")
+    train.add_argument("--sample-tokens", type=nonnegative_int, default=DEFAULTS.sample_tokens,
+                       help="length of those samples (0: none)")
+    train.add_argument("--seed", type=nonnegative_int, default=DEFAULTS.seed,
+                       help="seeds initialisation, batches and dropout")
     train.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda (CuPy)")
     run = parser.add_argument_group("run")
-    run.add_argument("--out", default="runs/pretrain", help="run folder (metrics, checkpoint)")
+    run.add_argument("--out", default="runs/pretrain",
+                     help="run folder: metrics.jsonl, loss.png, checkpoint/, data/")
     start = run.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true", help="continue OUT/checkpoint exactly")
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in --out exactly: restores corpus, tokenizer, "
+                            "model, settings, optimizer and data position")
     start.add_argument("--init-from", metavar="CHECKPOINT",
-                       help="start from an existing model (continued pretraining)")
+                       help="start a new run from an existing model (continued pretraining)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a run that --out already holds")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def train_config(args) -> TrainConfig:
-    return TrainConfig(
-        max_steps=args.steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum,
-        learning_rate=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        eval_interval=args.eval_interval, eval_batches=args.eval_batches,
-        sample_prompt=args.prompt, sample_tokens=args.sample_tokens, seed=args.seed)
+def train_config(args) -> PretrainConfig:
+    return PretrainConfig(max_steps=args.steps, **{field: getattr(args, flag)
+                                                   for flag, field in TRAIN_FLAGS.items()})
 
 
-def model_config(args, vocab_size: int) -> GPTConfig:
+def model_config(args, vocab_size: int):
     overrides = {name: getattr(args, name) for name in ("n_layer", "n_head", "n_embd",
                                                         "context_length", "tie_weights")
                  if getattr(args, name) is not None}
     return preset(args.preset, vocab_size=vocab_size, dropout=args.dropout, **overrides)
 
 
-def corpus_fingerprint(source) -> list:
-    """Names, sizes and modification times: a cheap test that cached tokens are still current."""
-    return [[str(f), f.stat().st_size, int(f.stat().st_mtime)] for f in corpus_files(source)]
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
-def token_files(args, tokenizer, data_dir: Path) -> tuple:
-    """Tokenize the corpus into data_dir once; reuse the files while corpus and tokenizer match."""
-    meta_path = data_dir / "meta.json"
-    fingerprint = corpus_fingerprint(args.data)
-    wanted = {"tokenizer": tokenizer.to_config(), "corpus": fingerprint}
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    if {k: meta.get(k) for k in wanted} != wanted:
-        print(f"tokenizing {args.data} ...", file=sys.stderr)
-        meta = prepare_corpus(read_corpus(args.data), tokenizer, data_dir, args.val_fraction)
-        meta["corpus"] = fingerprint
-        meta_path.write_text(json.dumps(meta, indent=1))
-    return (load_tokens(data_dir / "train.bin", meta["dtype"]),
-            load_tokens(data_dir / "val.bin", meta["dtype"]))
+def model_conflicts(args, given: set, model: dict, owner: str, with_dropout: bool) -> list:
+    """The model flags given on the command line that ask for another model than ``model`` (the
+    config of the run being resumed, or of the --init-from model). Repeating the same is fine."""
+    if not given & {*MODEL_FLAGS, "dropout"}:
+        return []
+    asked = model_config(args, model["vocab_size"]).to_dict()
+    fields = ["n_layer", "n_head", "n_embd", "context_length", "tie_weights"]
+    conflicts = []
+    for field in fields + (["dropout"] if with_dropout else []):
+        if asked[field] != model[field]:
+            flag = field if field in given or field == "dropout" else "preset"
+            conflicts.append(f"{_flag(flag)} (gives {field} {asked[field]}; {owner} has "
+                             f"{model[field]})")
+    return conflicts
 
 
-def build(args):
-    """Model, tokenizer and (for --resume) the checkpoint to continue from."""
-    out = Path(args.out)
+def resume_run(args, out: Path):
+    """Everything of the run in ``out``: model, tokenizer, config, checkpoint and corpus."""
+    if not is_checkpoint(out / "checkpoint"):
+        raise UserError(f"--resume: no checkpoint in {out / 'checkpoint'} to resume from")
+    checkpoint = load_checkpoint(out / "checkpoint")
+    saved = checkpoint["config"]
+    if "classifier" in saved:
+        raise UserError(f"--resume: {out} holds a classifier; --resume continues pretraining "
+                        "runs only")
+    if "train" not in saved or "run" not in saved:
+        raise UserError(f"--resume: {out / 'checkpoint'} was not written by `tinygrad-llm "
+                        "pretrain` (no saved settings); use --init-from to start from it")
+    config = PretrainConfig.from_dict(saved["train"])
+    run = saved["run"]
+    given = getattr(args, "given", set())
+    contradictions = [f"{_flag(flag)} {getattr(args, flag)} (the run has "
+                      f"{getattr(config, field)})"
+                      for flag, field in TRAIN_FLAGS.items()
+                      if flag in given and getattr(args, flag) != getattr(config, field)]
+    for flag in ("data", "tokenizer", "val_fraction"):
+        if flag in given and str(getattr(args, flag)) != str(run[flag]):
+            contradictions.append(f"{_flag(flag)} {getattr(args, flag)} (the run has "
+                                  f"{run[flag]})")
+    contradictions += model_conflicts(args, given, saved["model"], "the run",
+                                      with_dropout=True)
+    if contradictions:
+        raise UserError("--resume continues the saved run; these flags contradict it: "
+                        + "; ".join(contradictions) + ". Drop them, or start a new run")
+    if args.steps != config.max_steps and "steps" in given:
+        if args.steps <= checkpoint["state"]["step"]:
+            raise UserError(f"--steps {args.steps}: the run is already at step "
+                            f"{checkpoint['state']['step']}")
+        print(f"--steps: training to step {args.steps} instead of {config.max_steps} (the "
+              "learning-rate schedule stretches to the new length)", file=sys.stderr)
+        config.max_steps = args.steps
+    tokenizer = tokenizer_from_config(saved["tokenizer"])
+    model = build_model(saved["model"], f"{out / 'checkpoint' / 'config.json'}")
+    model.load_state_dict(checkpoint["weights"])
+    check_finite(model, out / "checkpoint")
+    return model.to(args.device), tokenizer, config, checkpoint, run
+
+
+def set_dropout(model, p: float) -> None:
+    """Change the dropout of a loaded model (continued pretraining with --dropout)."""
+    model.config.dropout = p
+    for module in model.modules():
+        if isinstance(module, Dropout):
+            module.p = p
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = p  # attention's dropout on its weights
+
+
+def new_run(args):
+    """Model and tokenizer of a new run: from scratch, or --init-from an existing model."""
     backend.manual_seed(args.seed)
-    if args.resume:
-        if not is_checkpoint(out / "checkpoint"):
-            raise SystemExit(f"--resume: no checkpoint in {out / 'checkpoint'} to resume from")
-        checkpoint = load_checkpoint(out / "checkpoint")
-        saved = checkpoint["config"]["tokenizer"]
-        if saved["type"] != args.tokenizer:
-            raise SystemExit(f"--resume: the checkpoint was trained with the {saved['type']!r} "
-                             f"tokenizer, not {args.tokenizer!r}; pass --tokenizer {saved['type']}")
-        tokenizer = tokenizer_from_config(saved)
-        model = GPT(GPTConfig.from_dict(checkpoint["config"]["model"]))
-        return model.to(args.device), tokenizer, checkpoint
+    given = getattr(args, "given", set())
     if args.init_from:
         model, tokenizer, _ = load_model(args.init_from, args.device)
-        if args.tokenizer != tokenizer.name:
-            print(f"--init-from: using the model's own {tokenizer.name!r} tokenizer",
-                  file=sys.stderr)
-        return model, tokenizer, None
+        conflicts = model_conflicts(args, given, model.config.to_dict(), "the model",
+                                    with_dropout=False)
+        if conflicts:
+            raise UserError("--init-from takes the model as it is; these flags ask for another "
+                            "shape: " + "; ".join(conflicts))
+        if "tokenizer" in given and args.tokenizer != tokenizer.name:
+            raise UserError(f"--tokenizer {args.tokenizer}: the model given to --init-from uses "
+                            f"the {tokenizer.name!r} tokenizer")
+        if "dropout" in given:
+            set_dropout(model, args.dropout)
+        return model, tokenizer
     if args.tokenizer == "char":
         tokenizer = get_tokenizer("char", "".join(read_corpus(args.data)))
     else:
         tokenizer = get_tokenizer("gpt2")
-    model = GPT(model_config(args, tokenizer.vocab_size))
-    return model.to(args.device), tokenizer, None
+    model = build_model(model_config(args, tokenizer.vocab_size).to_dict())
+    return model.to(args.device), tokenizer
 
 
 def run(args) -> int:
     start_time = time.perf_counter()
-    try:
-        model, tokenizer, checkpoint = build(args)
-        train_tokens, val_tokens = token_files(args, tokenizer, Path(args.out) / "data")
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    config = train_config(args)
-    if checkpoint is not None:  # a resumed run keeps the settings it started with
-        config = TrainConfig.from_dict({**checkpoint["config"].get("train", {}),
-                                        "max_steps": args.steps})
-    trainer = Trainer(model, tokenizer, train_tokens, val_tokens, config, args.out,
-                      show_progress=not args.quiet)
+    out = check_out_folder(args.out, inputs=[args.init_from, args.data], resume=args.resume,
+                           overwrite=args.overwrite)
+    checkpoint = None
+    if args.resume:
+        model, tokenizer, config, checkpoint, saved_run = resume_run(args, out)
+        data, val_fraction = saved_run["data"], saved_run["val_fraction"]
+    else:
+        model, tokenizer = new_run(args)
+        config, data, val_fraction = train_config(args), args.data, args.val_fraction
+    train_tokens, val_tokens = cached_token_files(data, tokenizer, out / "data", val_fraction)
+    context = model.config.context_length
+    for split, tokens in (("training", train_tokens), ("validation", val_tokens)):
+        if len(tokens) < context + 1:
+            raise UserError(f"the {split} split of {data} has {len(tokens)} tokens, fewer than "
+                            f"one window of {context} + 1; use more text, a smaller "
+                            "--context-length or another --val-fraction")
+    run_info = {"data": str(data), "tokenizer": tokenizer.name, "val_fraction": val_fraction}
+    task = LanguageModelingTask(tokenizer, train_tokens, val_tokens, context, config,
+                                extra={"run": run_info})  # what --resume needs to find the data
+    trainer = Trainer(model, task, config, out, show_progress=not args.quiet)
     if checkpoint is not None:
         trainer.resume(checkpoint)
         print(f"resumed at step {trainer.step}", file=sys.stderr)
     print(f"model: {model.num_params():,} parameters, {model.config.n_layer} layers, "
-          f"{model.config.n_embd} wide, context {model.config.context_length}; "
-          f"tokenizer {tokenizer.name} ({tokenizer.vocab_size} tokens); "
-          f"{len(train_tokens):,} training tokens", file=sys.stderr)
+          f"{model.config.n_embd} wide, context {context}; tokenizer {tokenizer.name} "
+          f"({tokenizer.vocab_size} tokens); {len(train_tokens):,} training tokens",
+          file=sys.stderr)
     record = trainer.train()
     minutes = (time.perf_counter() - start_time) / 60
     if trainer.stop_requested:
@@ -161,11 +257,11 @@ def run(args) -> int:
         print(f"done in {minutes:.1f} min: step {trainer.step}, train loss "
               f"{record['train_loss']:.4f}, val loss {record['val_loss']:.4f}; checkpoint in "
               f"{trainer.checkpoint_dir}")
-    print("\n" + (trainer.last_sample or trainer.sample()))  # the final evaluation's sample
+    print("\n" + (trainer.last_text or task.sample(model)))  # the last evaluation's sample
     return 0
 
 
 if __name__ == "__main__":
-    from tinygrad_llm.train import standalone
+    from tinygrad_llm.train.cli import run_standalone
 
-    raise SystemExit(standalone(add_arguments, run, __doc__))
+    raise SystemExit(run_standalone(sys.modules[__name__]))

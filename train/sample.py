@@ -10,28 +10,43 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinygrad_llm.checkpoint import load_model
 from tinygrad_llm.generate import generate_text, stream_text
+from tinygrad_llm.loading import load_model
+from tinygrad_llm.train.options import (
+    UserError,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+    top_p,
+    unescape,
+)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8,
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200,
+                        help="tokens to generate at most")
+    parser.add_argument("--temperature", type=nonnegative_float, default=0.8,
                         help="0 = greedy; below 1 sharper, above 1 more random")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
-    parser.add_argument("--top-p", type=float, default=None,
-                        help="sample among the most likely tokens that make up probability p")
-    parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    parser.add_argument("--no-cache", action="store_true", help="recompute instead of KV cache")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--top-k", type=positive_int, default=None,
+                        help="sample among the k most likely tokens (default: all)")
+    parser.add_argument("--top-p", type=top_p, default=None,
+                        help="sample among the most likely tokens whose probabilities add up "
+                             "to at least p (default: all)")
+    parser.add_argument("--seed", type=nonnegative_int, default=None,
+                        help="makes sampling reproducible")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="recompute the whole sequence each step instead of a KV cache")
+    parser.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda (CuPy)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint folder, or a Hugging Face GPT-2 folder")
-    parser.add_argument("--prompt", default="\n")
+    parser.add_argument("--prompt", default="\n",
+                        help="text to continue; \\n and \\t are understood as escapes")
     parser.add_argument("--stop", action="append", default=[],
-                        help="stop before this string (repeatable)")
+                        help="stop before this string (repeatable); \\n and \\t are understood, "
+                             "so --stop '\\n\\n' stops at a blank line")
     parser.add_argument("--stream", action="store_true", help="print tokens as they come")
     add_sampling_arguments(parser)
 
@@ -42,25 +57,26 @@ def sampling_options(args) -> dict:
 
 
 def run(args) -> int:
-    try:
-        model, tokenizer, _ = load_model(args.checkpoint, args.device)
-        tokenizer.encode(args.prompt)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    prompt, stop = unescape(args.prompt), [unescape(s) for s in args.stop]
+    if not prompt:
+        raise UserError("--prompt is empty: give at least one character to continue")
+    if any(not s for s in stop):
+        raise UserError("--stop is empty: give the text to stop at")
+    model, tokenizer, _ = load_model(args.checkpoint, args.device)
+    tokenizer.encode(prompt)  # a character the tokenizer does not know: a clear error now
     if args.stream:
-        print(args.prompt, end="", flush=True)
-        for piece in stream_text(model, tokenizer, args.prompt, stop=args.stop,
+        print(prompt, end="", flush=True)
+        for piece in stream_text(model, tokenizer, prompt, stop=stop,
                                  **sampling_options(args)):
             print(piece, end="", flush=True)
         print()
     else:
-        print(args.prompt + generate_text(model, tokenizer, args.prompt, stop=args.stop,
+        print(prompt + generate_text(model, tokenizer, prompt, stop=stop,
                                           **sampling_options(args)))
     return 0
 
 
 if __name__ == "__main__":
-    from tinygrad_llm.train import standalone
+    from tinygrad_llm.train.cli import run_standalone
 
-    raise SystemExit(standalone(add_arguments, run, __doc__))
+    raise SystemExit(run_standalone(sys.modules[__name__]))

@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .. import backend
 from .. import functional as F
-from ..checkpoint import save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..loading import build_model, check_finite
 from ..nn import Linear, Module
-from ..optim import AdamW, cosine_schedule
 from ..tensor import Tensor, no_grad
+from ..tokenizer import tokenizer_from_config
+from ..trainer import TrainConfig, Trainer
 
 SPAM_DATA = Path(__file__).resolve().parents[1] / "assets" / "sms_spam_collection.tsv"
 
@@ -148,7 +149,10 @@ def encode(examples: list, tokenizer, label_ids: dict, max_length: int) -> list:
     for text, label in examples:
         if label not in label_ids:
             raise ValueError(f"label {label!r} was not seen in training ({sorted(label_ids)})")
-        ids = tokenizer.encode(text)[:max_length] or [0]
+        try:
+            ids = tokenizer.encode(text)[:max_length] or [0]
+        except ValueError as error:  # e.g. a character outside a character vocabulary
+            raise ValueError(f"cannot encode the text {text[:40]!r}: {error}") from None
         encoded.append((ids, label_ids[label]))
     return encoded
 
@@ -268,16 +272,22 @@ def classification_metrics(true: np.ndarray, predicted: np.ndarray, labels: list
 
 # =============================================================================== training
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(TrainConfig):
+    """Classification finetuning: the shared step and loop settings, by epochs."""
+
     epochs: int = 10
     batch_size: int = 8
     learning_rate: float = 5e-4
-    weight_decay: float = 0.1
+    min_lr: float = 5e-5  # the end of the cosine decay
+    warmup_fraction: float = 0.05  # of all steps, linear warmup
+    beta2: float = 0.999
     max_length: int | None = None  # tokens per text; default: longest training text, <= window
     trainable: str = "auto"
     pooling: str = "last"
     balance: bool = True
     seed: int = 123
+    keep_best: bool = True  # end with the best validation epoch's weights
+    checkpoint_every_evaluation: bool = False  # the command saves the kept weights at the end
 
 
 def evaluate(model, encoded: list, batch_size: int = 64) -> tuple[float, np.ndarray, np.ndarray]:
@@ -296,52 +306,73 @@ def evaluate(model, encoded: list, batch_size: int = 64) -> tuple[float, np.ndar
             np.concatenate(probabilities))
 
 
-def train_classifier(model: GPTClassifier, train: list, val: list, config: ClassifierConfig,
-                     log=print) -> list[dict]:
-    """AdamW over the trainable parameters with warmup + cosine decay of the learning rate;
-    after each epoch, loss and accuracy on train and validation. At the end the model keeps
-    the weights of the epoch with the best validation accuracy (ties: lower validation loss).
-    Returns the per-epoch history (the kept epoch is marked ``"best": True``)."""
-    optimizer = AdamW(model.parameters(), lr=config.learning_rate,
-                      weight_decay=config.weight_decay)
-    rng = np.random.default_rng(config.seed)
-    steps_per_epoch = -(-len(train) // config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = max(1, total_steps // 20)
-    history, best, best_weights, step = [], None, None, 0
-    model.train()
-    for epoch in range(1, config.epochs + 1):
-        start = time.perf_counter()
-        for ids, lengths, labels in batches(train, config.batch_size, shuffle=True, rng=rng):
-            optimizer.lr = cosine_schedule(step, config.learning_rate, config.learning_rate / 10,
-                                           warmup, total_steps)
-            loss = F.cross_entropy(model(ids, lengths), labels)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            step += 1
-        record = {"epoch": epoch, "seconds": time.perf_counter() - start}
-        for split, encoded in (("train", train), ("val", val)):
+class ClassificationTask:
+    """Labelled texts for the shared Trainer: shuffled batches epoch after epoch; evaluation of
+    loss and accuracy on the training and validation sets; the best is the most accurate on
+    validation (ties: the lower validation loss)."""
+
+    def __init__(self, train: list, val: list, config: ClassifierConfig):
+        self.train, self.val, self.batch_size = train, val, config.batch_size
+        self.rng = np.random.default_rng(config.seed)
+        self.epoch = 0
+        self._batches = iter(())
+
+    def next_batch(self):
+        """(ids (B, T), lengths (B,), labels (B,)); a new shuffled epoch when one runs out."""
+        batch = next(self._batches, None)
+        if batch is None:
+            self.epoch += 1
+            self._batches = batches(self.train, self.batch_size, shuffle=True, rng=self.rng)
+            batch = next(self._batches)
+        return batch
+
+    def loss(self, model, batch):
+        ids, lengths, labels = batch
+        return F.cross_entropy(model(ids, lengths), labels)
+
+    def evaluate(self, model) -> dict:
+        record = {"epoch": self.epoch}
+        for split, encoded in (("train", self.train), ("val", self.val)):
             loss, predicted, _ = evaluate(model, encoded)
             truth = np.array([label for _, label in encoded])
             record[f"{split}_loss"] = loss
             record[f"{split}_accuracy"] = float((predicted == truth).mean())
-        history.append(record)
-        score = (record["val_accuracy"], -record["val_loss"])
-        if best is None or score > best:
-            best = score
-            best_weights = {name: p.data.copy() for name, p in model.named_parameters()
-                            if p.requires_grad}
-        log(f"epoch {epoch}: train loss {record['train_loss']:.4f} acc "
-            f"{record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} acc "
-            f"{record['val_accuracy']:.4f} ({record['seconds']:.1f} s)")
-    parameters = dict(model.named_parameters())
-    for name, data in best_weights.items():  # back to the best epoch
-        parameters[name].data = data
-    best_epoch = max(history, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
-    best_epoch["best"] = True
-    log(f"keeping epoch {best_epoch['epoch']} (best validation accuracy)")
-    return history
+        return record
+
+    def score(self, record: dict) -> tuple:
+        return (record["val_accuracy"], -record["val_loss"])
+
+    def after_evaluation(self, model) -> None:
+        return None
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state(self, state: dict) -> None:
+        raise ValueError("classification finetuning does not resume; run it again")
+
+    def save(self, directory, model, state, optimizer) -> None:
+        raise NotImplementedError("the finetune-classifier command saves the kept weights")
+
+
+def train_classifier(model: GPTClassifier, train: list, val: list, config: ClassifierConfig,
+                     out_dir, show_progress: bool = False, log=print) -> Trainer:
+    """Train with the shared Trainer for ``config.epochs`` epochs, evaluating after each; the
+    model ends with the weights of the best validation epoch. Returns the Trainer (its
+    ``history`` has one record per epoch, its ``best`` the kept one)."""
+    steps_per_epoch = -(-len(train) // config.batch_size)
+    config = replace(config, max_steps=steps_per_epoch * config.epochs,
+                     eval_interval=steps_per_epoch,
+                     warmup_steps=max(1, int(steps_per_epoch * config.epochs
+                                             * config.warmup_fraction)))
+    trainer = Trainer(model, ClassificationTask(train, val, config), config, out_dir,
+                      show_progress=show_progress, log=log)
+    model.train()
+    trainer.train()
+    if trainer.best is not None:
+        trainer.best["best"] = True
+        log(f"keeping epoch {trainer.best['epoch']} (best validation accuracy)")
+    return trainer
 
 
 # ============================================================================= checkpoints
@@ -355,19 +386,16 @@ def save_classifier(directory, model: GPTClassifier, tokenizer, labels: list, ma
 
 def load_classifier(directory, device: str = "cpu"):
     """(classifier, tokenizer, labels, max_length) from a folder written by save_classifier."""
-    from ..checkpoint import load_checkpoint
-    from ..models.gpt import GPT, GPTConfig
-    from ..tokenizer import tokenizer_from_config
-
     checkpoint = load_checkpoint(directory)
     config = checkpoint["config"]
     if "classifier" not in config:
         raise ValueError(f"{directory} is not a classifier checkpoint (no 'classifier' entry in "
                          "config.json); train one with tinygrad-llm finetune-classifier")
     info = config["classifier"]
-    model = GPTClassifier(GPT(GPTConfig.from_dict(config["model"])), len(info["labels"]),
-                          info["pooling"])
+    model = GPTClassifier(build_model(config["model"], f"{directory}/config.json"),
+                          len(info["labels"]), info["pooling"])
     model.load_state_dict(checkpoint["weights"])
+    check_finite(model, directory)
     model.to(device)
     return model, tokenizer_from_config(config["tokenizer"]), info["labels"], info["max_length"]
 

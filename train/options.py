@@ -1,0 +1,130 @@
+"""What every command shares: validated argument types, help that shows defaults, one-line
+errors, and the rules that protect run folders.
+
+Every numeric flag is checked at parse time (its range, not only its type), so a mistake stops
+the command before anything is loaded or written. A run folder that already holds a run is never
+overwritten by accident, and no output folder may be (or contain) one of the command's inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake in the command's input: printed as one line, exit code 2, no traceback."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                    argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the docstring's layout and add "(default: ...)" to every flag's help."""
+
+
+# ------------------------------------------------------------------- validated types
+def _number(kind, text: str, flag_range: str, ok) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"{text} is out of range: expected {flag_range}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, "an integer >= 1", lambda v: v >= 1)
+
+
+def nonnegative_int(text: str) -> int:
+    return _number(int, text, "an integer >= 0", lambda v: v >= 0)
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, "a number > 0", lambda v: v > 0)
+
+
+def nonnegative_float(text: str) -> float:
+    return _number(float, text, "a number >= 0", lambda v: v >= 0)
+
+
+def probability(text: str) -> float:
+    """A dropout-like probability in [0, 1)."""
+    return _number(float, text, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def open_fraction(text: str) -> float:
+    """A fraction strictly between 0 and 1 (a validation share)."""
+    return _number(float, text, "a number between 0 and 1 (exclusive)", lambda v: 0 < v < 1)
+
+
+def top_p(text: str) -> float:
+    return _number(float, text, "a number in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def non_empty(text: str) -> str:
+    if text == "":
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+# ---------------------------------------------------------------- explicit flags
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The ``dest`` of every option spelled out on the command line (not left at its default):
+    a resumed run must tell a flag the user typed from a default it never asked for."""
+    given = set()
+    for action in parser._actions:
+        for option in action.option_strings:
+            if any(arg == option or arg.startswith(option + "=") for arg in argv):
+                given.add(action.dest)
+    return given
+
+
+# ------------------------------------------------------------------ run folders
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_out_folder(out, inputs=(), resume: bool = False, overwrite: bool = False,
+                     markers=("checkpoint", "metrics.jsonl", "metrics.json")) -> Path:
+    """Refuse an output folder that would destroy something.
+
+    - an output that is, or contains, one of the inputs (``--checkpoint base --out base``);
+    - an output that already holds a run (any of ``markers``), unless ``resume`` continues it
+      or ``overwrite`` says to replace it (its old run files are then removed).
+    """
+    out = Path(out).resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        source = Path(source).resolve()
+        if _inside(source, out):
+            raise UserError(f"--out {out} is or contains the input {source}: writing there "
+                            "would destroy it; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    existing = [name for name in markers if (out / name).exists()]
+    if existing and not resume:
+        if not overwrite:
+            raise UserError(f"--out {out} already holds a run ({', '.join(existing)}); pass "
+                            "--resume to continue it, --overwrite to replace it, or choose "
+                            "another --out")
+        for name in existing:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return out
+
+
+def unescape(text: str) -> str:
+    """Turn the escapes \\n, \\t and \\\\ typed on a command line into the characters."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
