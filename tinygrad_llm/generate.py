@@ -145,7 +145,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0,
 
 
 # --------------------------------------------------------------------------------- text
-def _cut_at_stop(text: str, stop: tuple) -> tuple[str, bool]:
+def cut_at_stop(text: str, stop: tuple) -> tuple[str, bool]:
     """Text before the first stop string, and whether one was found."""
     cuts = [text.find(s) for s in stop if s and s in text]
     return (text[:min(cuts)], True) if cuts else (text, False)
@@ -180,14 +180,14 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 200,
         if finished[0]:
             break
         generated.append(int(next_ids[0]))
-        text, stopped = _cut_at_stop(tokenizer.decode(generated), stop)
+        text, stopped = cut_at_stop(tokenizer.decode(generated), stop)
         end = len(text) if stopped else _safe_prefix_length(text, stop)
         if end > shown:
             yield text[shown:end]
             shown = end
         if stopped:
             return
-    text, _ = _cut_at_stop(tokenizer.decode(generated), stop)
+    text, _ = cut_at_stop(tokenizer.decode(generated), stop)
     if len(text) > shown:
         yield text[shown:]
 
@@ -200,5 +200,5 @@ def generate_text(model, tokenizer, prompts, max_new_tokens: int = 200, temperat
     batch = [prompts] if single else list(prompts)
     outputs = generate(model, [tokenizer.encode(p) for p in batch], max_new_tokens, temperature,
                        top_k, top_p, tokenizer.eot_token, seed, use_cache)
-    texts = [_cut_at_stop(tokenizer.decode(ids), tuple(stop))[0] for ids in outputs]
+    texts = [cut_at_stop(tokenizer.decode(ids), tuple(stop))[0] for ids in outputs]
     return texts[0] if single else texts

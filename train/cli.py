@@ -6,6 +6,7 @@
     tinygrad-llm download   gpt2 --out DIR                    OpenAI's GPT-2 weights
     tinygrad-llm finetune-classifier --checkpoint BASE --out DIR   e.g. spam detection
     tinygrad-llm classify   --checkpoint DIR "text"           label and probability
+    tinygrad-llm finetune-instruct --checkpoint BASE --out DIR     a personal assistant
 
 Mistakes in the input end the command with a one-line message and exit code 2 (130 after
 Ctrl-C); ``--debug`` (or TINYGRAD_LLM_DEBUG=1) shows the full traceback instead.
@@ -18,7 +19,15 @@ import os
 import sys
 
 from tinygrad_llm import backend
-from tinygrad_llm.train import chat, classify, download, finetune_classifier, pretrain, sample
+from tinygrad_llm.train import (
+    chat,
+    classify,
+    download,
+    finetune_classifier,
+    finetune_instruct,
+    pretrain,
+    sample,
+)
 from tinygrad_llm.train.options import HelpFormatter, UserError, given_flags
 
 COMMANDS = {
@@ -28,6 +37,7 @@ COMMANDS = {
     "download": (download, "download GPT-2 weights from the Hugging Face hub"),
     "finetune-classifier": (finetune_classifier, "finetune a GPT as a text classifier"),
     "classify": (classify, "classify text with a finetuned classifier"),
+    "finetune-instruct": (finetune_instruct, "finetune a GPT to follow instructions (+ LoRA)"),
 }
 
 
