@@ -134,3 +134,11 @@ def test_finetune_instruct_learns_and_writes_its_outputs(tiny_base, capsys):
     assert len((out / "data" / "test.jsonl").read_text().splitlines()) == 4
     _, _, checkpoint = load_model(out / "checkpoint")
     assert checkpoint["config"]["template"] == "alpaca"
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "Say yes.", "--temperature",
+                 "0", "--max-new-tokens", "6"]) == 0
+    answer = capsys.readouterr().out
+    assert "###" not in answer and "Say yes." not in answer  # wrapped in the template: the answer
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "Say yes.", "--raw",
+                 "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.startswith("Say yes.")

@@ -1,11 +1,12 @@
-"""Chat with a model in the terminal: multi-turn, streamed, Alpaca-style prompts.
+"""Chat with a model in the terminal: multi-turn, streamed, in the model's prompt template.
 
     tinygrad-llm chat --checkpoint DIR
 
 Commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves. Ctrl-C stops the current
 answer and keeps the session. Older turns are dropped when the conversation outgrows the
-model's context window. ``--template plain`` sends the bare conversation instead of Alpaca
-prompts (for models that never saw the template, e.g. a character model without '#').
+model's context window. A model from finetune-instruct is prompted in the template it was
+trained with; others in Alpaca's. ``--template plain`` sends the bare conversation instead (for
+models that never saw a template, e.g. a character model without '#').
 """
 
 from __future__ import annotations
@@ -13,18 +14,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinygrad_llm.finetune.instruction import STOP_STRINGS, format_prompt
+from tinygrad_llm.finetune.instruction import TEMPLATES as INSTRUCTION_TEMPLATES
 from tinygrad_llm.generate import stream_text
 from tinygrad_llm.loading import load_model
 from tinygrad_llm.train.sample import add_sampling_arguments, sampling_options
 
 
-def format_plain(message: str, history=()) -> str:
+class PlainTemplate:
     """The bare conversation, one line per turn: for models that never saw a template."""
-    return "".join(f"{question}\n{answer}\n\n" for question, answer in history) + message + "\n"
+
+    name, stop = "plain", ("\n\n",)
+
+    def prompt(self, messages: list[dict]) -> str:
+        turns = [m["content"] for m in messages if m["role"] != "system"]
+        return "".join(f"{t}\n" + ("\n" if i % 2 else "") for i, t in enumerate(turns))
 
 
-TEMPLATES = {"alpaca": (format_prompt, STOP_STRINGS), "plain": (format_plain, ("\n\n",))}
+TEMPLATES = {**INSTRUCTION_TEMPLATES, "plain": PlainTemplate()}
 
 
 class ChatSession:
@@ -32,7 +38,8 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, options: dict, template: str = "alpaca"):
         self.model, self.tokenizer, self.options = model, tokenizer, options
-        self.format, self.stop = TEMPLATES[template]
+        self.template = TEMPLATES[template]
+        self.stop = self.template.stop
         self.history: list[tuple[str, str]] = []
 
     def prompt_for(self, message: str) -> str:
@@ -40,7 +47,10 @@ class ChatSession:
         budget = self.model.config.context_length - self.options["max_new_tokens"]
         history = list(self.history)
         while True:
-            prompt = self.format(message, history=history)
+            messages = [m for question, answer in history
+                        for m in ({"role": "user", "content": question},
+                                  {"role": "assistant", "content": answer})]
+            prompt = self.template.prompt(messages + [{"role": "user", "content": message}])
             if not history or len(self.tokenizer.encode(prompt)) <= budget:
                 return prompt  # with no history left, generation crops the prompt itself
             history.pop(0)  # forget the oldest turn
@@ -64,8 +74,9 @@ class ChatSession:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint folder, or a Hugging Face GPT-2 folder")
-    parser.add_argument("--template", choices=sorted(TEMPLATES), default="alpaca",
-                        help="prompt format: Alpaca instructions, or the plain conversation")
+    parser.add_argument("--template", choices=sorted(TEMPLATES), default=None,
+                        help="prompt format (default: the one the model was finetuned with, "
+                             "else alpaca); plain: the bare conversation")
     add_sampling_arguments(parser)
 
 
@@ -102,9 +113,10 @@ def chat_loop(session: ChatSession, read=input, write=sys.stdout.write) -> None:
 
 
 def run(args) -> int:
-    model, tokenizer, _ = load_model(args.checkpoint, args.device)
+    model, tokenizer, checkpoint = load_model(args.checkpoint, args.device)
+    template = args.template or checkpoint["config"].get("template") or "alpaca"
     options = sampling_options(args)
-    chat_loop(ChatSession(model, tokenizer, options, args.template))
+    chat_loop(ChatSession(model, tokenizer, options, template))
     return 0
 
 

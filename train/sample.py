@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tinygrad_llm.finetune.instruction import get_template
 from tinygrad_llm.generate import generate_text, stream_text
 from tinygrad_llm.loading import load_model
 from tinygrad_llm.train.options import (
@@ -48,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop before this string (repeatable); \\n and \\t are understood, "
                              "so --stop '\\n\\n' stops at a blank line")
     parser.add_argument("--stream", action="store_true", help="print tokens as they come")
+    parser.add_argument("--raw", action="store_true",
+                        help="continue the prompt as it is, even for a model finetuned with an "
+                             "instruction template (by default its prompt is wrapped in that "
+                             "template and only the answer is printed)")
     add_sampling_arguments(parser)
 
 
@@ -62,16 +67,22 @@ def run(args) -> int:
         raise UserError("--prompt is empty: give at least one character to continue")
     if any(not s for s in stop):
         raise UserError("--stop is empty: give the text to stop at")
-    model, tokenizer, _ = load_model(args.checkpoint, args.device)
+    model, tokenizer, checkpoint = load_model(args.checkpoint, args.device)
+    shown = prompt
+    template = checkpoint["config"].get("template")
+    if template and not args.raw:  # an instruction-tuned model: ask it in its own template
+        template = get_template(template)
+        prompt = template.prompt([{"role": "user", "content": prompt}])
+        stop, shown = [*stop, *template.stop], ""
     tokenizer.encode(prompt)  # a character the tokenizer does not know: a clear error now
     if args.stream:
-        print(prompt, end="", flush=True)
+        print(shown, end="", flush=True)
         for piece in stream_text(model, tokenizer, prompt, stop=stop,
                                  **sampling_options(args)):
             print(piece, end="", flush=True)
         print()
     else:
-        print(prompt + generate_text(model, tokenizer, prompt, stop=stop,
+        print(shown + generate_text(model, tokenizer, prompt, stop=stop,
                                           **sampling_options(args)))
     return 0
 
