@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from tinygrad_llm import backend
-from tinygrad_llm.loading import save_model
 from tinygrad_llm.finetune.classification import (
     SPAM_DATA,
     ClassifierConfig,
@@ -24,6 +23,7 @@ from tinygrad_llm.finetune.classification import (
     stratified_split,
     train_classifier,
 )
+from tinygrad_llm.loading import save_model
 from tinygrad_llm.models.gpt import GPT, GPTConfig
 from tinygrad_llm.tokenizer import CharTokenizer
 from tinygrad_llm.train.cli import main

@@ -7,6 +7,7 @@
     tinygrad-llm finetune-classifier --checkpoint BASE --out DIR   e.g. spam detection
     tinygrad-llm classify   --checkpoint DIR "text"           label and probability
     tinygrad-llm finetune-instruct --checkpoint BASE --out DIR     a personal assistant
+    tinygrad-llm merge-lora --base DIR --adapter DIR --out DIR     fold LoRA into the weights
 
 Mistakes in the input end the command with a one-line message and exit code 2 (130 after
 Ctrl-C); ``--debug`` (or TINYGRAD_LLM_DEBUG=1) shows the full traceback instead.
@@ -25,6 +26,7 @@ from tinygrad_llm.train import (
     download,
     finetune_classifier,
     finetune_instruct,
+    merge_lora,
     pretrain,
     sample,
 )
@@ -38,6 +40,7 @@ COMMANDS = {
     "finetune-classifier": (finetune_classifier, "finetune a GPT as a text classifier"),
     "classify": (classify, "classify text with a finetuned classifier"),
     "finetune-instruct": (finetune_instruct, "finetune a GPT to follow instructions (+ LoRA)"),
+    "merge-lora": (merge_lora, "fold a LoRA adapter into its base model"),
 }
 
 

@@ -23,7 +23,6 @@ import math
 import sys
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
 from tinygrad_llm import backend
 from tinygrad_llm.checkpoint import write_json
@@ -41,7 +40,6 @@ from tinygrad_llm.finetune.instruction import (
     write_splits,
 )
 from tinygrad_llm.loading import load_model
-from tinygrad_llm.trainer import Trainer
 from tinygrad_llm.train.options import (
     UserError,
     check_out_folder,
@@ -51,6 +49,7 @@ from tinygrad_llm.train.options import (
     positive_int,
     probability,
 )
+from tinygrad_llm.trainer import Trainer
 
 DEFAULTS = InstructConfig()
 

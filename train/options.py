@@ -28,8 +28,9 @@ def _number(kind, text: str, flag_range: str, ok) -> float:
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if kind is float and not math.isfinite(value) or not ok(value):
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if (kind is float and not math.isfinite(value)) or not ok(value):
         raise argparse.ArgumentTypeError(f"{text} is out of range: expected {flag_range}")
     return value
 

@@ -26,7 +26,6 @@ from tinygrad_llm.models.gpt import PRESETS, preset
 from tinygrad_llm.nn import Dropout
 from tinygrad_llm.plotting import INSTALL_HINT
 from tinygrad_llm.tokenizer import get_tokenizer, tokenizer_from_config
-from tinygrad_llm.trainer import LanguageModelingTask, PretrainConfig, Trainer
 from tinygrad_llm.train.options import (
     UserError,
     check_out_folder,
@@ -37,6 +36,7 @@ from tinygrad_llm.train.options import (
     positive_int,
     probability,
 )
+from tinygrad_llm.trainer import LanguageModelingTask, PretrainConfig, Trainer
 
 DEFAULTS = PretrainConfig()
 # flag dest -> PretrainConfig field: the training settings a resumed run takes from its folder
