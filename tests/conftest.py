@@ -1,6 +1,6 @@
 """Shared test set-up: hypothesis profiles and the devices every op is tested on.
 
-Profiles: ``ci`` (default, bounded) and ``thorough`` (many more examples), chosen with
+Profiles: ``ci`` (default, bounded), ``quick`` and ``thorough`` (many more examples), chosen with
 ``TINYGRAD_LLM_PROFILE=thorough python -m pytest``.
 """
 
@@ -17,6 +17,9 @@ settings.register_profile(
 )
 settings.register_profile(
     "thorough", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(  # a short look, e.g. on a GPU machine lent for minutes
+    "quick", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("TINYGRAD_LLM_PROFILE", "ci"))
 

@@ -190,3 +190,17 @@ def test_finetune_and_classify_commands(tmp_path, capsys, monkeypatch):
     assert len(lines) == 4 and lines[1] == "" and lines[3] == ""  # one line per input line
     assert main(["classify", "--checkpoint", str(tmp_path / "base")]) == 2
     assert "not a classifier checkpoint" in capsys.readouterr().err
+
+
+def test_finetune_classifier_with_lora_trains_few_parameters_and_saves_a_plain_model(tmp_path):
+    save_model(tmp_path / "base", tiny_gpt(), CHARS)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": lbl}) + "\n"
+                            for t, lbl in synthetic_examples(80, 2)))
+    assert main(["finetune-classifier", "--checkpoint", str(tmp_path / "base"), "--out",
+                 str(tmp_path / "clf"), "--data", str(data), "--epochs", "1", "--lora-rank",
+                 "2"]) == 0
+    metrics = json.loads((tmp_path / "clf" / "metrics.json").read_text())
+    assert metrics["trainable"] == "lora-2"
+    model, _, _, _ = load_classifier(tmp_path / "clf" / "checkpoint")
+    assert metrics["trainable_params"] < 0.5 * model.num_params()

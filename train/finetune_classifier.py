@@ -86,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the class imbalance instead of undersampling")
     parser.add_argument("--seed", type=nonnegative_int, default=DEFAULTS.seed,
                         help="seeds the split, the head's initialisation and the shuffling")
+    parser.add_argument("--lora-rank", type=nonnegative_int, default=0,
+                        help="train LoRA adapters of this rank on the body (and the new head) "
+                             "instead of --trainable (0: no LoRA)")
+    parser.add_argument("--lora-alpha", type=positive_float, default=None,
+                        help="LoRA scale numerator (default: 2 x rank)")
+    parser.add_argument("--lora-targets", default="c_attn,c_proj,c_fc",
+                        help="comma-separated layer names to adapt")
     parser.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda (CuPy)")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
 
@@ -138,9 +145,19 @@ def run(args) -> int:
 
     backend.manual_seed(config.seed)  # the new head's initialisation
     model = GPTClassifier(gpt, len(labels), config.pooling)
-    trainable = model.set_trainable(config.trainable)
+    if args.lora_rank:
+        from tinygrad_llm.lora import apply_lora
+
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        apply_lora(model.gpt, rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
+                   targets=targets)
+        model.head.requires_grad_(True)  # the new head always trains
+        trainable = f"lora-{args.lora_rank}"
+    else:
+        trainable = model.set_trainable(config.trainable)
     model.to(args.device)
-    chosen = f"{trainable}, chosen by auto" if config.trainable == "auto" else trainable
+    chosen = f"{trainable}, chosen by auto" if config.trainable == "auto" and not args.lora_rank \
+        else trainable
     print(f"splits: train {len(train_set)}, validation {len(val_set)}, test {len(test_set)}; "
           f"max length {max_length} tokens; training {model.num_params(trainable_only=True):,} "
           f"of {model.num_params():,} parameters ({chosen})", file=sys.stderr)
@@ -153,6 +170,11 @@ def run(args) -> int:
     truth = np.array([label for _, label in test_set])
     test = classification_metrics(truth, predicted, labels)
 
+    trainable_params = model.num_params(trainable_only=True)
+    if args.lora_rank:
+        from tinygrad_llm.lora import remove_lora
+
+        remove_lora(model.gpt)  # fold the adapters in: a plain classifier to save and load
     save_classifier(out / "checkpoint", model, tokenizer, labels, max_length,
                     extra={"finetune": asdict(config), "base": str(args.checkpoint)})
     kept = trainer.best  # the evaluation whose weights we keep
@@ -165,7 +187,7 @@ def run(args) -> int:
         "labels": labels,
         "splits": {"train": len(train_set), "val": len(val_set), "test": len(test_set)},
         "trainable": trainable,
-        "trainable_params": model.num_params(trainable_only=True),
+        "trainable_params": trainable_params,
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started,
         "history": trainer.history,

@@ -1,0 +1,171 @@
+"""One short check of the CUDA path on a machine with an NVIDIA GPU, CuPy and (optionally)
+PyTorch; prints a table last.
+
+    PYTHONPATH=. python bench/gpu.py            # about 5 minutes on an H100
+
+1. the op and tensor tests on device="cuda" (a small hypothesis profile);
+2. the toolkit on cuda: a short pretraining run with dropout, interrupted and resumed (the losses
+   must equal the uninterrupted run's), generation with the KV cache, the errors for token ids
+   out of range, and NumPy operands given to ops on the GPU;
+3. bench/train_step.py on GPT-2 124M (batch 8, context 1024), next to PyTorch eager;
+4. bench/generate.py (tokens/s with and without the KV cache).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS: list[tuple[str, str, str]] = []  # (check, result, seconds)
+
+
+def record(name: str, ok: bool | None, detail: str, seconds: float) -> None:
+    status = "skipped" if ok is None else ("ok" if ok else "FAILED")
+    ROWS.append((name, f"{status}: {detail}", f"{seconds:.0f}"))
+    print(f"== {name}: {status} ({detail}, {seconds:.0f} s)", flush=True)
+
+
+def run(name: str, command: list[str], timeout: float, parse=None) -> str:
+    start = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
+           "TINYGRAD_LLM_PROFILE": "quick"}
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        output = done.stdout + done.stderr
+        print(output[-4000:], flush=True)
+        detail = parse(output) if parse else output.strip().splitlines()[-1][:120]
+        record(name, done.returncode == 0, detail, time.perf_counter() - start)
+        return output
+    except subprocess.TimeoutExpired:
+        record(name, False, f"timed out after {timeout:.0f} s", time.perf_counter() - start)
+        return ""
+
+
+def value(output: str, key: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith(key + "=")]
+    return lines[-1].split("=", 1)[1].split()[0] if lines else "?"
+
+
+def toolkit_on_cuda() -> None:
+    """Training with dropout, exact resume, generation and the input checks, on the GPU."""
+    import numpy as np
+
+    from tinygrad_llm import Tensor, backend
+    from tinygrad_llm import functional as F
+    from tinygrad_llm.checkpoint import load_checkpoint
+    from tinygrad_llm.generate import generate
+    from tinygrad_llm.models.gpt import GPT, GPTConfig
+    from tinygrad_llm.tokenizer import CharTokenizer
+    from tinygrad_llm.trainer import LanguageModelingTask, PretrainConfig, Trainer, read_metrics
+
+    text = "to be or not to be, that is the question. " * 200
+    tokenizer = CharTokenizer.from_text(text)
+    tokens = np.array(tokenizer.encode(text), dtype=np.uint16)
+    model_config = GPTConfig(vocab_size=tokenizer.vocab_size, context_length=32, n_layer=2,
+                             n_head=2, n_embd=32, dropout=0.1)
+
+    def trainer(out):
+        backend.manual_seed(0)
+        config = PretrainConfig(max_steps=12, batch_size=4, learning_rate=3e-3, warmup_steps=2,
+                                eval_interval=4, eval_batches=2, sample_tokens=8, seed=0)
+        task = LanguageModelingTask(tokenizer, tokens[:6000], tokens[6000:], 32, config)
+        return Trainer(GPT(model_config).to("cuda"), task, config, out, show_progress=False,
+                       log=lambda line: None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        trainer(Path(tmp, "straight")).train()
+        split = trainer(Path(tmp, "split"))
+        split.train(until_step=6)
+        resumed = trainer(Path(tmp, "split"))
+        resumed.resume(load_checkpoint(Path(tmp, "split", "checkpoint")))
+        resumed.train()
+        straight = [(r["step"], r["train_loss"], r["val_loss"])
+                    for r in read_metrics(Path(tmp, "straight", "metrics.jsonl"))]
+        again = [(r["step"], r["train_loss"], r["val_loss"])
+                 for r in read_metrics(Path(tmp, "split", "metrics.jsonl"))]
+        learned = straight[-1][2] < straight[0][2]
+        record("cuda: train with dropout, resume exactly", straight == again and learned,
+               f"val loss {straight[0][2]:.3f} -> {straight[-1][2]:.3f}; resumed equal: "
+               f"{straight == again}", time.perf_counter() - start)
+
+        start = time.perf_counter()
+        model = resumed.model
+        cpu = GPT(model_config)
+        cpu.load_state_dict(model.state_dict())
+        prompt = [tokenizer.encode("to be")]
+        on_gpu = generate(model, prompt, 20, temperature=0)
+        on_cpu = generate(cpu, prompt, 20, temperature=0)
+        record("cuda: greedy generation equals the CPU's", on_gpu == on_cpu,
+               repr(tokenizer.decode(on_gpu[0]))[:40], time.perf_counter() - start)
+
+    start = time.perf_counter()
+    problems = []
+    model = GPT(model_config).to("cuda")
+    for bad in (np.array([[0, tokenizer.vocab_size]]), np.array([[-1, 0]])):
+        try:
+            model(bad)
+            problems.append(f"ids {bad.tolist()} accepted")
+        except ValueError:
+            pass
+    x = Tensor(np.arange(6, dtype=np.float32).reshape(2, 3), device="cuda")
+    mask = np.array([[True, False, True], [False, True, False]])
+    try:
+        checks = {
+            "where": F.where(mask, x, 0.0).numpy(),
+            "masked_fill": F.masked_fill(x, mask, -1.0).numpy(),
+            "compare": (x > np.ones((2, 3), np.float32)).numpy(),
+        }
+        reference = np.arange(6, dtype=np.float32).reshape(2, 3)
+        if not np.array_equal(checks["where"], np.where(mask, reference, 0)):
+            problems.append("where differs")
+        model.load_state_dict(GPT(model_config).state_dict())  # NumPy arrays into a GPU model
+    except Exception as error:  # noqa: BLE001 - report whatever broke
+        problems.append(f"{type(error).__name__}: {error}"[:100])
+    record("cuda: bad ids refused, NumPy operands accepted", not problems,
+           "; ".join(problems) or "all four", time.perf_counter() - start)
+
+
+def main() -> int:
+    import cupy
+
+    print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy "
+          f"{cupy.__version__}", flush=True)
+    run("tests on cuda (ops, tensor, backend)",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         "tests/test_functional.py", "tests/test_tensor.py", "tests/test_backend.py",
+         "-k", "cuda"], timeout=240,
+        parse=lambda out: (out.strip().splitlines() or ["?"])[-1][:100])
+    start = time.perf_counter()
+    try:
+        toolkit_on_cuda()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        record("cuda: toolkit", False, traceback.format_exc().splitlines()[-1][:100],
+               time.perf_counter() - start)
+    run("train step GPT-2 124M, B=8, T=1024 (float32)",
+        [sys.executable, "bench/train_step.py", "--device", "cuda", "--n-layer", "12",
+         "--n-head", "12", "--n-embd", "768", "--context-length", "1024", "--batch-size", "8",
+         "--vocab-size", "50257", "--steps", "8", "--warmup", "3"], timeout=240,
+        parse=lambda out: f"ours {value(out, 'tokens_per_s')} tok/s, PyTorch eager "
+                          f"{value(out, 'torch_tokens_per_s')}, ratio {value(out, 'ratio')}")
+    run("generate GPT-2 124M, 200 tokens",
+        [sys.executable, "bench/generate.py", "--device", "cuda"], timeout=120,
+        parse=lambda out: f"KV cache {value(out, 'kv_cache_tokens_per_s')} tok/s, no cache "
+                          f"{value(out, 'no_cache_tokens_per_s')}")
+    width = max(len(name) for name, _, _ in ROWS)
+    print("\n" + "check".ljust(width) + " | seconds | result")
+    for name, result, seconds in ROWS:
+        print(f"{name.ljust(width)} | {seconds:>7} | {result}")
+    return 0 if all("FAILED" not in result for _, result, _ in ROWS) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
