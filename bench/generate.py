@@ -26,6 +26,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", default="Every effort moves you")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    backend.tune_cpu_allocator()  # reuse freed buffers warm, as `tinygrad-llm` does
 
     backend.manual_seed(0)
     model = GPT(preset(args.preset)).to(args.device)

@@ -1,12 +1,16 @@
-"""Time whole training steps (forward, backward, clipping, AdamW) on random tokens.
+r"""Time whole training steps (forward, backward, clipping, AdamW) on random tokens.
 
     python bench/train_step.py                                   # the baby configuration
-    python bench/train_step.py --n_layer 6 --n_head 6 --n_embd 384 --block 256 --batch 8
+    python bench/train_step.py --n-layer 6 --n-head 6 --n-embd 384 --context-length 256 \
+        --batch-size 8
 
 Prints ``tokens_per_s=<float>``; with PyTorch installed, also the same model and step in PyTorch
 eager (``torch_tokens_per_s=``) and ``ratio=`` (ours / PyTorch). Both use float32 and the same
 number of threads, in one process. The BLAS kernel NumPy picked is printed too: an environment
 that forces an older one (OPENBLAS_CORETYPE) changes our figure a lot and PyTorch's not at all.
+
+The model flags are spelled as in ``tinygrad-llm pretrain``; the older spellings (``--n_layer``,
+``--block``, ``--batch``, ``--vocab`` ...) still work.
 """
 
 from __future__ import annotations
@@ -24,12 +28,16 @@ from tinygrad_llm.optim import AdamW, clip_grad_norm
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n_layer", type=int, default=4)
-    parser.add_argument("--n_head", type=int, default=4)
-    parser.add_argument("--n_embd", type=int, default=128)
-    parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=12)
-    parser.add_argument("--vocab", type=int, default=65)
+    # the CLI's spelling first; the older ones stay as aliases so existing commands still run
+    parser.add_argument("--n-layer", "--n_layer", dest="n_layer", type=int, default=4)
+    parser.add_argument("--n-head", "--n_head", dest="n_head", type=int, default=4)
+    parser.add_argument("--n-embd", "--n_embd", dest="n_embd", type=int, default=128)
+    parser.add_argument("--context-length", "--context_length", "--block", dest="context_length",
+                        type=int, default=64)
+    parser.add_argument("--batch-size", "--batch_size", "--batch", dest="batch_size", type=int,
+                        default=12)
+    parser.add_argument("--vocab-size", "--vocab_size", "--vocab", dest="vocab_size", type=int,
+                        default=65)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
@@ -39,8 +47,9 @@ def parse_args(argv=None):
 
 def batches(args, count):
     rng = np.random.default_rng(0)
-    return [(rng.integers(0, args.vocab, (args.batch, args.block)),
-             rng.integers(0, args.vocab, (args.batch, args.block))) for _ in range(count)]
+    shape = (args.batch_size, args.context_length)
+    return [(rng.integers(0, args.vocab_size, shape), rng.integers(0, args.vocab_size, shape))
+            for _ in range(count)]
 
 
 def time_steps(step, data, warmup, sync=lambda: None) -> float:
@@ -57,8 +66,8 @@ def time_steps(step, data, warmup, sync=lambda: None) -> float:
 
 def bench_ours(args, data) -> float:
     backend.manual_seed(0)
-    config = GPTConfig(vocab_size=args.vocab, context_length=args.block, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd)
+    config = GPTConfig(vocab_size=args.vocab_size, context_length=args.context_length,
+                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).to(args.device)
     optimizer = AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)
 
@@ -101,8 +110,8 @@ def bench_torch(args, data) -> float:
     class TorchGPT(nn.Module):
         def __init__(self):
             super().__init__()
-            self.wte = nn.Embedding(args.vocab, args.n_embd)
-            self.wpe = nn.Embedding(args.block, args.n_embd)
+            self.wte = nn.Embedding(args.vocab_size, args.n_embd)
+            self.wpe = nn.Embedding(args.context_length, args.n_embd)
             self.h = nn.ModuleList([Block(args.n_embd, args.n_head) for _ in range(args.n_layer)])
             self.ln_f = nn.LayerNorm(args.n_embd)
 
@@ -146,13 +155,15 @@ def blas_kernel() -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    tuned = backend.tune_cpu_allocator()  # reuse freed buffers warm, as `tinygrad-llm` does
     data = batches(args, args.warmup + args.steps)
-    tokens = args.batch * args.block
-    params = 12 * args.n_layer * args.n_embd ** 2 + (args.vocab + args.block) * args.n_embd
-    print(f"model: {args.n_layer} layers x {args.n_embd} wide, {args.n_head} heads, block "
-          f"{args.block}, batch {args.batch}, vocab {args.vocab} (~{params / 1e6:.2f}M params), "
-          f"device {args.device}")
-    print(f"numpy {np.__version__}, BLAS: {blas_kernel()}")
+    tokens = args.batch_size * args.context_length
+    params = (12 * args.n_layer * args.n_embd ** 2
+              + (args.vocab_size + args.context_length) * args.n_embd)
+    print(f"model: {args.n_layer} layers x {args.n_embd} wide, {args.n_head} heads, context "
+          f"{args.context_length}, batch {args.batch_size}, vocab {args.vocab_size} "
+          f"(~{params / 1e6:.2f}M params), device {args.device}")
+    print(f"numpy {np.__version__}, BLAS: {blas_kernel()}, CPU allocator tuned: {tuned}")
     ours = tokens / bench_ours(args, data)
     print(f"tokens_per_s={ours:.1f}")
     if args.no_torch:

@@ -420,3 +420,116 @@ def test_fused_linear_cross_entropy_equals_linear_then_cross_entropy(device, dat
         return cross_entropy_reference(logits, targets)
 
     assert_op(fused, reference, tensors, device)
+
+
+# ------------------------------------------------------------ fused ops = their formulas
+def _unfused_attention(q, k, v):
+    """softmax(q k^T / sqrt(D) + causal mask) v, from primitives."""
+    blocked = F.causal_mask(q.shape[-2], k.shape[-2])
+    scores = q @ k.swapaxes(-1, -2) * (1 / math.sqrt(q.shape[-1]))
+    return F.softmax(F.masked_fill(scores, blocked, -1e9), axis=-1) @ v
+
+
+FUSED_AND_UNFUSED = {  # name: (fused, the same formula written with the primitives, input shapes)
+    "layer_norm": (
+        lambda x, w, b: F.layer_norm(x, w, b),
+        lambda x, w, b: (x - x.mean(-1, keepdims=True)) / F.sqrt(x.var(-1, keepdims=True) + 1e-5)
+        * w + b,
+        [(2, 3, 5), (5,), (5,)]),
+    "rms_norm": (
+        lambda x, w: F.rms_norm(x, w),
+        lambda x, w: x / F.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w,
+        [(2, 3, 5), (5,)]),
+    "cross_entropy": (  # the counted positions of the targets below, and their targets
+        lambda x: F.cross_entropy(x, np.array([[0, 3, -100], [2, 1, 3]])),
+        lambda x: -F.log_softmax(x)[np.array([0, 0, 1, 1, 1]), np.array([0, 1, 0, 1, 2]),
+                                    np.array([0, 3, 2, 1, 3])].mean(),
+        [(2, 3, 4)]),
+    "linear_cross_entropy": (
+        lambda x, w, b: F.linear_cross_entropy(x, w, np.array([[1, 0], [2, -100]]), b,
+                                               chunk_bytes=16),
+        lambda x, w, b: F.cross_entropy(F.linear(x, w, b), np.array([[1, 0], [2, -100]])),
+        [(2, 2, 3), (3, 4), (4,)]),
+    "embedding": (
+        lambda w: F.embedding(np.array([[0, 2, 2], [1, 0, 2]]), w),
+        lambda w: w[np.array([[0, 2, 2], [1, 0, 2]])],
+        [(3, 4)]),
+    "scaled_dot_product_attention": (
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True),
+        _unfused_attention,
+        [(1, 2, 3, 2), (1, 2, 4, 2), (1, 2, 4, 2)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED_AND_UNFUSED))
+def test_fused_op_equals_its_unfused_formula(device, name):
+    """Each op of fused.py gives the values and gradients of the formula its docstring names."""
+    fused, unfused, shapes_ = FUSED_AND_UNFUSED[name]
+    rng = np.random.default_rng(0)
+    arrays_ = [rng.standard_normal(shape) for shape in shapes_]
+    results = []
+    for fn in (fused, unfused):
+        tensors = [Tensor(a, requires_grad=True, device=device) for a in arrays_]
+        out = fn(*tensors)
+        out.backward(backend.to_device(np.ones(out.shape), device))
+        results.append((out.numpy(), [t.grad for t in tensors]))
+    (fused_out, fused_grads), (unfused_out, unfused_grads) = results
+    np.testing.assert_allclose(fused_out, unfused_out, rtol=1e-10, atol=1e-12)
+    for fused_grad, unfused_grad in zip(fused_grads, unfused_grads, strict=True):
+        np.testing.assert_allclose(backend.to_numpy(fused_grad), backend.to_numpy(unfused_grad),
+                                   rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------- integer inputs are checked on the host
+@pytest.mark.parametrize("bad_id", [5, 7, -1])
+def test_embedding_rejects_host_ids_outside_the_table(device, bad_id):
+    weight = Tensor(np.zeros((5, 2)), device=device)
+    with pytest.raises(ValueError, match=f"embedding id {bad_id} is out of range for a table of "
+                                         r"5 rows: ids must be in 0\.\.4"):
+        F.embedding(np.array([[0, 4, bad_id]]), weight)
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("bad_target", [3, -1])
+def test_loss_rejects_host_targets_outside_the_classes(device, op, bad_target):
+    x, w = Tensor(np.zeros((2, 4)), device=device), Tensor(np.zeros((4, 3)), device=device)
+    loss = (lambda t: F.cross_entropy(x @ w, t)) if op == "cross_entropy" else \
+        (lambda t: F.linear_cross_entropy(x, w, t))
+    with pytest.raises(ValueError, match=f"target {bad_target} is out of range for 3 classes: "
+                                         r"targets must be in 0\.\.2, or ignore_index=-100"):
+        loss(np.array([0, bad_target]))
+    assert np.isclose(loss(np.array([2, -100])).item(), np.log(3))  # ignore_index is allowed
+
+
+def test_first_invalid_id_finds_the_first_bad_id_and_skips_the_allowed_one(device):
+    ids = np.array([[0, 4, 9], [-3, 2, -100]])
+    assert F.first_invalid_id(ids, 5) == 9
+    assert F.first_invalid_id(ids, 10) == -3
+    assert F.first_invalid_id(np.array([0, -100, 3]), 4, allowed=-100) is None
+    assert F.first_invalid_id(np.array([], dtype=np.int64), 4) is None
+
+
+# ------------------------------------------ NumPy operands of tensors on another device
+def test_where_masked_fill_and_attention_take_numpy_masks(device):
+    """Conditions and masks given as NumPy arrays are moved to the tensors' device (a TypeError
+    in CuPy otherwise)."""
+    x = Tensor(np.arange(4.0).reshape(1, 1, 2, 2), device=device)
+    condition = np.array([[True, False], [False, True]])
+    np.testing.assert_array_equal(F.where(condition, x, 0.0).numpy()[0, 0], [[0, 0], [0, 3]])
+    np.testing.assert_array_equal(F.masked_fill(x, condition, -1.0).numpy()[0, 0],
+                                  [[-1, 1], [2, -1]])
+    allowed = np.array([[True, False], [True, True]])
+    expected = F.scaled_dot_product_attention(x, x, x, causal=True).numpy()
+    np.testing.assert_allclose(
+        F.scaled_dot_product_attention(x, x, x, causal=False, mask=allowed).numpy(), expected)
+    additive = F.make_additive_mask(~allowed, x.dtype)  # a NumPy array, whatever the device
+    np.testing.assert_allclose(
+        F.scaled_dot_product_attention(x, x, x, causal=False, additive_mask=additive).numpy(),
+        expected)
+
+
+def test_attention_takes_either_an_additive_mask_or_causal_and_mask(device):
+    x = Tensor(np.ones((1, 1, 2, 2)), device=device)
+    additive = F.make_additive_mask(F.causal_mask(2, 2), x.dtype)
+    with pytest.raises(ValueError, match="additive_mask is the whole mask"):
+        F.scaled_dot_product_attention(x, x, x, additive_mask=additive)  # causal=True by default

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 
-from tinygrad_llm import backend
+from tinygrad_llm import Tensor, backend
 from tinygrad_llm import functional as F
 from tinygrad_llm.models.gpt import GPT, GPTConfig, preset
 
@@ -37,11 +38,37 @@ def test_too_long_input_is_a_clear_error():
         GPT(TINY)(np.zeros((1, 9), dtype=np.int64))
 
 
+@pytest.mark.parametrize("bad_id", [11, 50_000, -1])
+def test_out_of_range_token_ids_are_a_clear_error(bad_id):
+    """NumPy raises on some of these and wraps negative ids; CuPy wraps them all: so ids are
+    checked on the host, before they reach any device."""
+    ids = np.array([[1, 2, bad_id]])
+    with pytest.raises(ValueError, match=f"token id {bad_id} is outside the model's vocabulary of "
+                                         r"11 tokens \(ids must be in 0\.\.10\)"):
+        GPT(TINY)(ids)
+    with pytest.raises(ValueError, match=f"token id {bad_id}"):
+        GPT(TINY).loss(Tensor(ids), np.zeros((1, 3), dtype=np.int64))
+
+
+def test_out_of_range_positions_and_targets_are_a_clear_error():
+    model = GPT(TINY)
+    ids = np.array([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"position 8 is outside the model's 8 positions"):
+        model(ids, positions=np.array([[6, 7, 8]]))
+    with pytest.raises(ValueError, match="target 11 is out of range for 11 classes"):
+        model.loss(ids, np.array([[0, 11, 2]]))
+    model.loss(ids, np.array([[0, -100, 10]]))  # ignore_index and the last class are fine
+
+
 def test_residual_projections_are_scaled_at_init():
     backend.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, context_length=16, n_layer=8, n_head=4, n_embd=64))
-    assert np.std(model.h[0].mlp.c_fc.weight.data) == pytest.approx(0.02, rel=0.05)
-    assert np.std(model.h[0].mlp.c_proj.weight.data) == pytest.approx(0.02 / 4, rel=0.05)
+    block = model.h[0]
+    assert np.std(block.mlp.c_fc.weight.data) == pytest.approx(0.02, rel=0.05)
+    assert np.std(block.attn.c_attn.weight.data) == pytest.approx(0.02, rel=0.05)
+    # the two projections that write into the residual stream: 0.02 / sqrt(2 n_layer)
+    assert np.std(block.mlp.c_proj.weight.data) == pytest.approx(0.02 / 4, rel=0.05)
+    assert np.std(block.attn.c_proj.weight.data) == pytest.approx(0.02 / 4, rel=0.05)
 
 
 def test_whole_model_gradient_matches_finite_differences():
@@ -85,3 +112,32 @@ def test_fused_loss_equals_cross_entropy_of_the_logits(tie):
     for name, parameter in model.named_parameters():
         np.testing.assert_allclose(parameter.grad, expected[name], rtol=1e-9, atol=1e-12,
                                    err_msg=name)
+
+
+def test_the_causal_mask_is_cached_by_the_model_and_gives_the_uncached_result():
+    backend.manual_seed(0)
+    model = GPT(TINY)
+    ids = np.array([[1, 2, 3, 4], [4, 3, 2, 1]])
+    logits = model(ids).numpy()
+    assert list(model.causal_masks.masks) == [("cpu", 4, 4, np.dtype(np.float32).str)]
+    mask = model.causal_masks.get(4, 4, "cpu", np.float32)
+    model(ids)
+    assert model.causal_masks.get(4, 4, "cpu", np.float32) is mask  # built once, reused
+    # each block's attention called on its own builds the causal mask itself: same numbers
+    x = model.wte(ids) + model.wpe(np.arange(4))
+    for block in model.h:
+        x = block(x)
+    np.testing.assert_allclose(F.linear(model.ln_f(x), model.wte.weight.T).numpy(), logits,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_numpy_ids_positions_and_padding_mask_work_on_every_device(device):
+    backend.manual_seed(0)
+    model = GPT(TINY).to(device)
+    ids = np.array([[0, 5, 6], [7, 8, 9]])
+    padding = np.array([[False, True, True], [True, True, True]])  # row 0 is left-padded
+    positions = np.array([[0, 0, 1], [0, 1, 2]])
+    logits = model(ids, positions=positions, padding_mask=padding).numpy()
+    alone = model(ids[:1, 1:]).numpy()  # row 0 without its padding
+    np.testing.assert_allclose(logits[0, 1:], alone[0], rtol=1e-4, atol=1e-5)

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 
-from tinygrad_llm import Tensor
+from tinygrad_llm import Tensor, backend
 from tinygrad_llm.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, RMSNorm
 
 
@@ -39,6 +40,19 @@ def test_state_dict_round_trip():
         np.testing.assert_array_equal(p.data, q.data, err_msg=name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_load_state_dict_moves_numpy_arrays_and_tensors_to_the_models_device(device):
+    source = TwoLayers()
+    model = TwoLayers().to(device)
+    state = source.state_dict()  # NumPy arrays
+    state["first.weight"] = Tensor(state["first.weight"])  # a Tensor on the CPU works too
+    model.load_state_dict(state)
+    for (name, p), (_, q) in zip(model.named_parameters(), source.named_parameters(),
+                                 strict=True):
+        assert backend.get_array_module(p.data) is backend.array_module(device), name
+        np.testing.assert_array_equal(p.numpy(), q.numpy(), err_msg=name)
+
+
 def test_load_state_dict_names_every_mismatch_and_changes_nothing():
     model = TwoLayers()
     before = model.state_dict()
@@ -51,7 +65,8 @@ def test_load_state_dict_names_every_mismatch_and_changes_nothing():
     message = str(error.value)
     assert "missing from the checkpoint: first.bias" in message
     assert "not in the model: extra.weight" in message
-    assert "layers.0.weight: checkpoint (5, 4) vs model (4, 4)" in message
+    assert "layers.0.weight is (5, 4) in the checkpoint but (4, 4) in the model" in message
+    assert "\n" not in message  # one line
     for name, array in model.state_dict().items():
         np.testing.assert_array_equal(array, before[name])
 

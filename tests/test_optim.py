@@ -63,6 +63,23 @@ def test_sgd_with_momentum():
     assert p.data[0] == pytest.approx(1 - 0.1 * 1 - 0.1 * 1.9)
 
 
+def test_sgd_weight_decay_pulls_towards_zero_with_and_without_momentum():
+    p = Parameter(np.array([2.0]))
+    p.grad = np.zeros(1)  # no gradient: the decay alone moves p, towards 0
+    SGD([p], lr=0.1, weight_decay=0.5).step()
+    assert p.data[0] == pytest.approx(2.0 - 0.1 * 0.5 * 2.0)
+
+    # by hand, lr 0.1, momentum 0.9, weight decay 0.01: update u = g + 0.01 p, v = 0.9 v + u
+    p = Parameter(np.array([1.0, -2.0]))
+    optimizer = SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01)
+    p.grad = np.array([0.5, 0.5])
+    optimizer.step()  # u = v = [0.51, 0.48];  p = [1, -2] - 0.1 v
+    np.testing.assert_allclose(p.data, [0.949, -2.048], rtol=1e-12)
+    p.grad = np.array([-1.0, 2.0])
+    optimizer.step()  # u = [-0.99051, 1.97952];  v = 0.9 [0.51, 0.48] + u = [-0.53151, 2.41152]
+    np.testing.assert_allclose(p.data, [0.949 + 0.053151, -2.048 - 0.241152], rtol=1e-12)
+
+
 def test_clip_grad_norm_scales_to_the_global_norm():
     a, b = Parameter(np.zeros(2)), Parameter(np.zeros(1))
     a.grad, b.grad = np.array([3.0, 0.0]), np.array([4.0])

@@ -10,6 +10,7 @@ from conftest import DEVICES
 
 from tinygrad_llm import Tensor, backend, no_grad
 from tinygrad_llm import functional as F
+from tinygrad_llm.tensor import array_on
 
 pytestmark = pytest.mark.parametrize("device", DEVICES)
 
@@ -111,3 +112,21 @@ def test_detach_item_numpy_and_methods(device):
 def test_to_same_device_is_identity(device):
     x = Tensor(np.ones(2), device=device)
     assert x.to(device) is x
+
+
+def test_comparisons_take_numpy_arrays_and_tensors(device):
+    x = Tensor(np.array([1.0, 2.0, 3.0]), device=device)
+    other = np.array([2.0, 2.0, 2.0])  # a NumPy array, whatever the device: moved to x's
+    assert (x < other).tolist() == [True, False, False]
+    assert (x <= other).tolist() == [True, True, False]
+    assert (x > Tensor(other, device=device)).tolist() == [False, False, True]
+    assert (x >= 2).tolist() == [False, True, True]
+    assert (x < other).device == device and not (x < other).requires_grad
+
+
+@pytest.mark.parametrize("operand", [np.array([1, 2]), [1, 2], Tensor(np.array([1, 2]))])
+def test_array_on_moves_operands_to_the_device_and_keeps_numbers(device, operand):
+    moved = array_on(operand, device)
+    assert backend.get_array_module(moved) is backend.array_module(device)
+    np.testing.assert_array_equal(backend.to_numpy(moved), [1, 2])
+    assert array_on(2.5, device) == 2.5 and array_on(True, device) is True

@@ -1,9 +1,15 @@
-"""Every differentiable operation, each as a ``Function`` with its forward and backward together.
+"""The primitives: every basic differentiable op, each a ``Function`` with forward and backward.
 
 Imported as ``F``. Each op is a small class (the math) plus a lowercase function (the public
 name, with PyTorch's argument order and NumPy's ``axis=``). Bodies use ``xp``, the array module of
 their inputs, so the same code runs on NumPy and CuPy. Backwards may return gradients of the
 broadcast shape: ``tensor.unbroadcast`` sums them back in one place.
+
+This file reads like micrograd: arithmetic, unary math, activations, matmul and linear,
+reductions, shape ops, indexing, masks, softmax and dropout, each written as its plain formula.
+The performance-tuned transformer ops (cross-entropy, the fused LM head + loss, layer and RMS
+norm, embedding, attention) live in ``fused.py`` and are re-exported at the end of this file, so
+``F.<name>`` is the one spelling of every op.
 
 Notation in comments: ``g`` is the gradient of the loss with respect to the op's output.
 """
@@ -16,7 +22,7 @@ import math
 import numpy as np
 
 from . import backend
-from .tensor import Function, Tensor, unbroadcast
+from .tensor import Function, Tensor, array_on, unbroadcast
 
 get_xp = backend.get_array_module
 
@@ -25,9 +31,11 @@ def _as_tensor(x, like: Tensor) -> Tensor:
     """Wrap a Python number or array as a constant on ``like``'s device (numbers take its dtype)."""
     if isinstance(x, Tensor):
         return x
-    xp = backend.array_module(like.device)
-    dtype = like.dtype if isinstance(x, (int, float)) else None
-    return Tensor._wrap(xp.asarray(x, dtype=dtype), like.device, False)
+    if isinstance(x, (int, float)):
+        data = backend.array_module(like.device).asarray(x, dtype=like.dtype)
+    else:
+        data = array_on(x, like.device)  # a NumPy operand of a GPU tensor is copied over
+    return Tensor._wrap(data, like.device, False)
 
 
 def _operands(a, b) -> tuple[Tensor, Tensor]:
@@ -36,34 +44,6 @@ def _operands(a, b) -> tuple[Tensor, Tensor]:
     if isinstance(b, Tensor):
         return _as_tensor(a, b), b
     raise TypeError("at least one operand must be a Tensor")
-
-
-def _raw(x):
-    """The array of a Tensor, or ``x`` itself (index arrays, masks, targets)."""
-    return x.data if isinstance(x, Tensor) else x
-
-
-# ======================================================== fast sums for the fused ops below
-# NumPy's ``sum(axis=-1)`` over short rows is slow (a Python-level loop in C per row). A
-# matrix-vector product with a vector of ones computes the same sums in BLAS, 5-7x faster, and
-# ``einsum`` forms row-wise dot products without the product temporary. The fused ops use these.
-def sum_last(x):
-    """sum(x, axis=-1, keepdims=True) through BLAS: (..., C) -> (..., 1)."""
-    ones = get_xp(x).ones(x.shape[-1], dtype=x.dtype)
-    return (x.reshape(-1, x.shape[-1]) @ ones).reshape(x.shape[:-1] + (1,))
-
-
-def sum_leading(x):
-    """Sum over every axis but the last through BLAS: (..., C) -> (C,)."""
-    rows = x.reshape(-1, x.shape[-1])
-    return get_xp(x).ones(rows.shape[0], dtype=x.dtype) @ rows
-
-
-def dot_last(a, b):
-    """sum(a * b, axis=-1, keepdims=True) without materialising a * b: (..., C) -> (..., 1)."""
-    c = a.shape[-1]
-    dots = get_xp(a).einsum("ij,ij->i", a.reshape(-1, c), b.reshape(-1, c))
-    return dots.reshape(a.shape[:-1] + (1,))
 
 
 # ================================================================ elementwise arithmetic
@@ -239,6 +219,7 @@ class GELU(Function):
     """GELU, tanh approximation (GPT-2): y = x/2 (1 + tanh(c (x + a x^3)))."""
 
     def forward(self, x):
+        # reference: y = 0.5 * x * (1 + tanh(GELU_C * (x + GELU_A * x * x * x)))
         xp = get_xp(x)
         inner = x * x  # building u = c x (1 + a x^2) in one buffer
         inner *= GELU_A * GELU_C
@@ -334,7 +315,7 @@ class Linear(Function):
     """y = x @ W + b with x (..., in), W (in, out), b (out,) -- GPT-2's layout."""
 
     def forward(self, x, weight, bias=None):
-        self.x, self.weight = x, weight
+        self.x, self.weight, self.has_bias = x, weight, bias is not None
         # all leading positions as the rows of one matrix: one large GEMM instead of a batch of
         # small ones (NumPy loops over the batch of a 3-D @ 2-D product)
         y = x.reshape(-1, x.shape[-1]) @ weight  # (N, in) @ (in, out) -> (N, out)
@@ -348,9 +329,9 @@ class Linear(Function):
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         gx = (g2 @ weight.T).reshape(x.shape) if self.needs_input_grad[0] else None
         gw = x.reshape(-1, x.shape[-1]).T @ g2 if self.needs_input_grad[1] else None
-        if len(self.needs_input_grad) == 2:
+        if not self.has_bias:
             return gx, gw
-        gb = sum_leading(g2) if self.needs_input_grad[2] else None
+        gb = g2.sum(axis=0) if self.needs_input_grad[2] else None
         return gx, gw, gb
 
 
@@ -616,9 +597,9 @@ class Where(Function):
 
 
 def where(condition, a, b) -> Tensor:
-    """Elementwise ``a if condition else b`` (condition: boolean array or Tensor)."""
+    """Elementwise ``a if condition else b`` (condition: boolean array or Tensor, broadcastable)."""
     a, b = _operands(a, b)
-    return Where.apply(a, b, condition=_raw(condition))
+    return Where.apply(a, b, condition=array_on(condition, a.device))
 
 
 def masked_fill(x: Tensor, mask, value: float) -> Tensor:
@@ -632,7 +613,7 @@ class Softmax(Function):
         xp = get_xp(x)
         y = x - x.max(axis=axis, keepdims=True)  # shift by the max: exp never overflows
         xp.exp(y, out=y)
-        y /= sum_last(y) if axis in (-1, x.ndim - 1) else y.sum(axis=axis, keepdims=True)
+        y /= y.sum(axis=axis, keepdims=True)
         self.y, self.axis = y, axis
         return y
 
@@ -663,145 +644,6 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     return LogSoftmax.apply(x, axis=axis)
 
 
-class CrossEntropy(Function):
-    """Mean negative log-likelihood of integer targets under softmax(logits), fused."""
-
-    def forward(self, logits, targets, ignore_index):
-        xp = get_xp(logits)
-        self.shape = logits.shape
-        logits = logits.reshape(-1, logits.shape[-1])  # (B, T, C) -> (N, C)
-        targets = targets.reshape(-1)  # (B, T) -> (N,)
-        self.valid = targets != ignore_index
-        self.count = int(self.valid.sum())
-        self.rows = xp.arange(targets.shape[0])
-        self.safe_targets = xp.where(self.valid, targets, 0)  # ignored rows read class 0
-        # loss_i = logsumexp(x_i) - x_i[t_i], with the max shifted out for stability
-        probs = logits - logits.max(axis=1, keepdims=True)
-        target_logit = probs[self.rows, self.safe_targets]
-        xp.exp(probs, out=probs)
-        total = sum_last(probs)  # (N, 1)
-        probs /= total
-        total = total[:, 0]
-        self.probs = probs
-        losses = xp.log(total) - target_logit
-        if self.count == 0:
-            return xp.asarray(xp.nan, dtype=logits.dtype)
-        return (losses * self.valid).sum() / self.count
-
-    def backward(self, g):
-        # d loss / d logits_i = (softmax(x_i) - onehot(t_i)) / count on counted rows, 0 elsewhere
-        scale = self.valid * (g / self.count)  # (N,)
-        grad = self.probs * scale[:, None].astype(self.probs.dtype)
-        grad[self.rows, self.safe_targets] -= scale.astype(grad.dtype)
-        return grad.reshape(self.shape)
-
-
-def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
-    """Mean cross-entropy; logits (N, C) or (B, T, C), integer targets (N,) or (B, T).
-
-    Targets equal to ``ignore_index`` are left out of both the sum and the count.
-    """
-    xp = backend.array_module(logits.device)
-    targets = _raw(targets)
-    targets = xp.asarray(targets) if get_xp(targets) is xp else backend.to_device(targets,
-                                                                                  logits.device)
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets of shape {targets.shape} do not match logits of shape "
-                         f"{logits.shape} (expected {logits.shape[:-1]})")
-    return CrossEntropy.apply(logits, targets=targets, ignore_index=ignore_index)
-
-
-# ======================================================================= embedding
-class Embedding(Function):
-    def forward(self, weight, ids):
-        self.ids, self.weight_shape, self.dtype = ids, weight.shape, weight.dtype
-        return weight[ids]  # gather rows: (B, T) ids -> (B, T, C)
-
-    def backward(self, g):
-        # each row of the table gets the sum of the gradients at every position that read it
-        grad = get_xp(g).zeros(self.weight_shape, dtype=self.dtype)
-        backend.index_add_rows(grad, self.ids.reshape(-1), g.reshape(-1, self.weight_shape[1]))
-        return grad
-
-
-def embedding(ids, weight: Tensor) -> Tensor:
-    """Rows of ``weight`` (V, C) picked by integer ``ids`` of any shape -> ids.shape + (C,)."""
-    xp = backend.array_module(weight.device)
-    ids = _raw(ids)
-    ids = ids if get_xp(ids) is xp else xp.asarray(backend.to_numpy(ids))
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"embedding ids must be integers, got dtype {ids.dtype}")
-    return Embedding.apply(weight, ids=ids)
-
-
-# =================================================================== normalization
-class LayerNorm(Function):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis."""
-
-    def forward(self, x, weight, bias=None, eps=1e-5):
-        xp = get_xp(x)
-        width = x.shape[-1]
-        xhat = x - sum_last(x) / width  # centered, (..., C)
-        rstd = 1 / xp.sqrt(dot_last(xhat, xhat) / width + eps)  # (..., 1)
-        xhat *= rstd  # normalized input
-        self.xhat, self.rstd, self.weight = xhat, rstd, weight
-        y = xhat * weight
-        if bias is not None:
-            y += bias
-        return y
-
-    def backward(self, g):
-        # with gx̂ = g * w and averages over the C features:
-        #   dx = rstd * (gx̂ - mean(gx̂) - x̂ * mean(gx̂ * x̂)),  dw = sum(g * x̂),  db = sum(g)
-        xhat, rstd = self.xhat, self.rstd
-        width = xhat.shape[-1]
-        gx = None
-        if self.needs_input_grad[0]:
-            gx = g * self.weight  # gx̂, (..., C)
-            correction = xhat * (dot_last(gx, xhat) / width)  # the path through the variance
-            correction += sum_last(gx) / width  # the path through the mean
-            gx -= correction
-            gx *= rstd
-        gw = sum_leading(g * xhat) if self.needs_input_grad[1] else None
-        if len(self.needs_input_grad) == 2:
-            return gx, gw
-        return gx, gw, (sum_leading(g) if self.needs_input_grad[2] else None)
-
-
-class RMSNorm(Function):
-    """y = x / sqrt(mean(x^2) + eps) * weight over the last axis (Llama's norm)."""
-
-    def forward(self, x, weight, eps=1e-6):
-        xp = get_xp(x)
-        rstd = 1 / xp.sqrt(dot_last(x, x) / x.shape[-1] + eps)  # (..., 1)
-        xhat = x * rstd
-        self.xhat, self.rstd, self.weight = xhat, rstd, weight
-        return xhat * weight
-
-    def backward(self, g):
-        # with gx̂ = g * w:  dx = rstd * (gx̂ - x̂ * mean(gx̂ * x̂)),  dw = sum(g * x̂)
-        xhat, rstd = self.xhat, self.rstd
-        gx = None
-        if self.needs_input_grad[0]:
-            gx = g * self.weight  # gx̂, (..., C)
-            gx -= xhat * (dot_last(gx, xhat) / xhat.shape[-1])
-            gx *= rstd
-        gw = sum_leading(g * xhat) if self.needs_input_grad[1] else None
-        return gx, gw
-
-
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
-    """Layer normalization over the last axis; x (..., C), weight and bias (C,)."""
-    if bias is None:
-        return LayerNorm.apply(x, weight, eps=eps)
-    return LayerNorm.apply(x, weight, bias, eps=eps)
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
-    """RMS normalization over the last axis; x (..., C), weight (C,)."""
-    return RMSNorm.apply(x, weight, eps=eps)
-
-
 # ========================================================================= dropout
 def _keep_mask(shape, p: float, dtype, device: str):
     """Scaled Bernoulli mask: 1/(1-p) with probability 1-p, else 0 (seeded by the backend)."""
@@ -827,181 +669,30 @@ def dropout(x: Tensor, p: float = 0.1, training: bool = True) -> Tensor:
     return Dropout.apply(x, p=p, device=x.device)
 
 
-# ======================================================================== attention
-def causal_mask(query_length: int, key_length: int, xp=np):
-    """Boolean (Tq, Tk) mask, True where query i may NOT see key j.
-
-    Queries are the last ``query_length`` positions of the keys (bottom-right aligned), so with
-    a KV cache query i sits at position i + Tk - Tq and sees keys 0 .. i + Tk - Tq.
-    """
-    return xp.triu(xp.ones((query_length, key_length), dtype=bool), k=1 + key_length - query_length)
 
 
-_MASK_CACHE: dict = {}
-
-
-def _additive_mask(blocked, dtype):
-    """0 where attention is allowed, the most negative finite float where it is blocked.
-
-    Adding it is one pass over the scores (cheaper than a masked copy), and a finite minimum
-    makes a fully blocked row come out uniform instead of NaN.
-    """
-    xp = get_xp(blocked)
-    return xp.where(blocked, np.finfo(dtype).min, 0).astype(dtype)
-
-
-def _causal_bias(query_length: int, key_length: int, dtype, xp):
-    """The additive causal mask, cached per shape (it is the same every step)."""
-    key = (query_length, key_length, np.dtype(dtype).str, xp.__name__)
-    if key not in _MASK_CACHE:
-        if len(_MASK_CACHE) > 32:
-            _MASK_CACHE.clear()
-        _MASK_CACHE[key] = _additive_mask(causal_mask(query_length, key_length, xp), dtype)
-    return _MASK_CACHE[key]
-
-
-class ScaledDotProductAttention(Function):
-    """softmax(q k^T / sqrt(D) + mask) v for q (B, H, Tq, D), k and v (B, H, Tk, D).
-
-    Saves the scaled queries, k, v, the attention probabilities (B, H, Tq, Tk) and the output:
-    exactly what the backward needs, and no score matrix besides.
-    """
-
-    def forward(self, q, k, v, causal, mask, dropout_p, device):
-        xp = get_xp(q)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        q = q * scale  # scaling q (T x D) is cheaper than scaling the scores (T x T)
-        scores = q @ k.swapaxes(-1, -2)  # (B, H, Tq, D) @ (B, H, D, Tk) -> (B, H, Tq, Tk)
-        if causal and mask is None:
-            scores += _causal_bias(q.shape[-2], k.shape[-2], scores.dtype, xp)
-        elif causal or mask is not None:  # a user mask: True = may attend (PyTorch's convention)
-            blocked = ~mask if not causal else causal_mask(q.shape[-2], k.shape[-2], xp) | ~mask
-            scores += _additive_mask(blocked, scores.dtype)
-        # softmax over the keys, in place
-        scores -= scores.max(axis=-1, keepdims=True)
-        probs = xp.exp(scores, out=scores)
-        probs *= 1 / sum_last(probs)
-        self.keep = None
-        if dropout_p > 0:  # dropout on the attention weights (GPT-2's attn_pdrop)
-            self.keep = _keep_mask(probs.shape, dropout_p, probs.dtype, device)
-            out = (probs * self.keep) @ v
-        else:
-            out = probs @ v  # (B, H, Tq, Tk) @ (B, H, Tk, D) -> (B, H, Tq, D)
-        self.q, self.k, self.v, self.probs, self.scale, self.out = q, k, v, probs, scale, out
-        return out
-
-    def backward(self, g):
-        # out = P' v with P' = P * keep;  dv = P'^T g;  dP = (g v^T) * keep
-        # softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(g * out)
-        # (the FlashAttention identity: sum_j P_ij dP_ij = g_i . out_i), then with scores
-        # S = (s q) k^T:  dq = s dS k,  dk = dS^T (s q)
-        q, k, v, probs, keep = self.q, self.k, self.v, self.probs, self.keep
-        dropped = probs if keep is None else probs * keep
-        dv = dropped.swapaxes(-1, -2) @ g  # (B, H, Tk, Tq) @ (B, H, Tq, D) -> (B, H, Tk, D)
-        dscores = g @ v.swapaxes(-1, -2)  # (B, H, Tq, Tk)
-        if keep is not None:
-            dscores *= keep
-        dscores -= dot_last(g, self.out)
-        dscores *= probs
-        dq = dscores @ k  # (B, H, Tq, D)
-        dq *= self.scale
-        dk = dscores.swapaxes(-1, -2) @ q  # (B, H, Tk, D); q is already scaled
-        return dq, dk, dv
-
-
-def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
-                                 dropout_p: float = 0.0) -> Tensor:
-    """Fused attention on (B, H, T, D) tensors.
-
-    Args:
-        causal: each query sees only keys at or before its own position (bottom-right aligned).
-        mask: optional boolean array broadcastable to (B, H, Tq, Tk); True = may attend.
-        dropout_p: dropout on the attention weights (training only; pass 0 in eval).
-    """
-    if mask is not None:
-        xp = backend.array_module(q.device)
-        mask = xp.asarray(_raw(mask), dtype=bool)
-    return ScaledDotProductAttention.apply(q, k, v, causal=causal, mask=mask,
-                                           dropout_p=dropout_p, device=q.device)
-
-
-# ============================================================ fused LM head + loss
-class LinearCrossEntropy(Function):
-    """cross_entropy(x @ weight + bias, targets) without ever holding all the logits.
-
-    With a large vocabulary the logits (N, V) are the largest arrays of a training step (154 MB
-    for 768 positions of GPT-2's 50,257 tokens). Here the rows go through in chunks of a few MB:
-    logits, softmax and loss of one chunk, then -- because the loss is the last op, its upstream
-    gradient is a scalar -- that chunk's contribution to dx, dW and db right away, for an
-    upstream gradient of 1. Backward only scales them by the real upstream gradient.
-    """
-
-    def forward(self, x, weight, bias=None, targets=None, ignore_index=-100, chunk_rows=64):
-        xp = get_xp(x)
-        self.x_shape = x.shape
-        x2, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)  # (N, C), (N,)
-        valid = targets != ignore_index
-        count = int(valid.sum())
-        need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
-        need_b = bias is not None and self.needs_input_grad[2]
-        self.gx = xp.empty_like(x2) if need_x else None
-        self.gw = xp.zeros_like(weight) if need_w else None
-        self.gb = xp.zeros_like(bias) if need_b else None
-        total = 0.0
-        for start in range(0, len(x2), chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            logits = x2[rows] @ weight  # (n, C) @ (C, V) -> (n, V)
-            if bias is not None:
-                logits += bias
-            counted = valid[rows]
-            picked = xp.where(counted, targets[rows], 0)  # ignored rows read class 0
-            index = xp.arange(len(picked))
-            logits -= logits.max(axis=1, keepdims=True)  # loss_i = log sum exp - target logit
-            target_logit = logits[index, picked]
-            probs = xp.exp(logits, out=logits)
-            sums = sum_last(probs)  # (n, 1)
-            total += float(((xp.log(sums[:, 0]) - target_logit) * counted).sum())
-            if need_x or need_w or need_b:
-                # d loss / d logits = (softmax - onehot) / count on counted rows, 0 elsewhere
-                weight_of_row = (counted / builtins.max(count, 1)).astype(probs.dtype)[:, None]
-                probs *= weight_of_row / sums
-                probs[index, picked] -= weight_of_row[:, 0]
-                if need_x:
-                    self.gx[rows] = probs @ weight.T  # (n, V) @ (V, C)
-                if need_w:
-                    self.gw += x2[rows].T @ probs  # (C, n) @ (n, V)
-                if need_b:
-                    self.gb += sum_leading(probs)
-        if count == 0:
-            return xp.asarray(xp.nan, dtype=x.dtype)
-        return xp.asarray(total / count, dtype=x.dtype)
-
-    def backward(self, g):
-        # every gradient was computed for d loss = 1; the chain rule scales it by g
-        gx = None if self.gx is None else (self.gx * g).reshape(self.x_shape)
-        gw = None if self.gw is None else self.gw * g
-        if len(self.needs_input_grad) == 2:
-            return gx, gw
-        return gx, gw, (None if self.gb is None else self.gb * g)
-
-
-def linear_cross_entropy(x: Tensor, weight: Tensor, targets, bias: Tensor | None = None,
-                         ignore_index: int = -100, chunk_bytes: int = 30 << 20) -> Tensor:
-    """``cross_entropy(linear(x, weight, bias), targets)`` computed in row chunks of about
-    ``chunk_bytes`` of logits; x (..., C), weight (C, V), targets x.shape[:-1].
-
-    The default chunk stays under the 32 MiB up to which freed buffers are reused warm
-    (``backend.tune_cpu_allocator``) while keeping the matrix products large: a baby-GPT step
-    on GPT-2 tokens took 243 ms instead of 346 ms unfused (8 MiB chunks were slower than
-    unfused: too few rows per product).
-    """
-    xp = backend.array_module(x.device)
-    targets = _raw(targets)
-    targets = targets if get_xp(targets) is xp else backend.to_device(targets, x.device)
-    if targets.shape != x.shape[:-1]:
-        raise ValueError(f"targets of shape {targets.shape} do not match inputs of shape "
-                         f"{x.shape} (expected {x.shape[:-1]})")
-    rows = builtins.max(1, chunk_bytes // (weight.shape[1] * weight.dtype.itemsize))
-    inputs = (x, weight) if bias is None else (x, weight, bias)
-    return LinearCrossEntropy.apply(*inputs, targets=targets, ignore_index=ignore_index,
-                                    chunk_rows=rows)
+# ============================================================ the fused transformer ops
+# Written for speed in fused.py (which imports only tensor and backend), and spelled F.<name>
+# like every op: F.cross_entropy, F.linear_cross_entropy, F.layer_norm, F.rms_norm, F.embedding,
+# F.scaled_dot_product_attention, and the mask and BLAS helpers they use.
+from .fused import (  # noqa: E402, F401
+    HEAD_CHUNK_BYTES,
+    CrossEntropy,
+    Embedding,
+    LayerNorm,
+    LinearCrossEntropy,
+    RMSNorm,
+    ScaledDotProductAttention,
+    causal_mask,
+    cross_entropy,
+    dot_last,
+    embedding,
+    first_invalid_id,
+    layer_norm,
+    linear_cross_entropy,
+    make_additive_mask,
+    rms_norm,
+    scaled_dot_product_attention,
+    sum_last,
+    sum_leading,
+)

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import backend
 from . import functional as F
-from .tensor import Tensor
+from .tensor import Tensor, array_on
 
 
 class Parameter(Tensor):
@@ -113,27 +113,35 @@ class Module:
 
         Raises a ValueError that lists every missing, unexpected and mis-shaped entry; nothing is
         changed unless everything matches (with ``strict=False`` missing/unexpected are allowed).
+        The arrays may be NumPy or CuPy arrays or Tensors, on any device: each is copied onto the
+        model's device and cast to its parameter's dtype.
         """
         own = dict(self.named_parameters())
         missing = [name for name in own if name not in state]
         unexpected = [name for name in state if name not in own]
-        wrong = [f"{name}: checkpoint {tuple(state[name].shape)} vs model {own[name].shape}"
-                 for name in own if name in state and tuple(state[name].shape) != own[name].shape]
+        wrong = [f"{name} is {tuple(state[name].shape)} in the checkpoint but {own[name].shape} "
+                 "in the model" for name in own
+                 if name in state and tuple(state[name].shape) != own[name].shape]
         problems = []
-        if strict and missing:
-            problems.append(f"missing from the checkpoint: {', '.join(missing)}")
-        if strict and unexpected:
-            problems.append(f"not in the model: {', '.join(unexpected)}")
         if wrong:
-            problems.append("shape mismatch: " + "; ".join(wrong))
-        if problems:
-            raise ValueError("state dict does not fit this model (another architecture or "
-                             "config?):\n  " + "\n  ".join(problems))
-        xp_device = self.device
+            problems.append("shape mismatch: " + _first(wrong))
+        if strict and missing:
+            problems.append("missing from the checkpoint: " + _first(missing))
+        if strict and unexpected:
+            problems.append("not in the model: " + _first(unexpected))
+        if problems:  # one line: the first few of each kind, and how many more
+            raise ValueError("the weights do not fit this model (another architecture or "
+                             "config?): " + "; ".join(problems))
         for name, parameter in own.items():
             if name in state:
-                array = backend.to_device(np.asarray(state[name]), xp_device)
+                array = array_on(state[name], parameter.device)  # NumPy -> CuPy when on the GPU
                 parameter.data = array.astype(parameter.dtype, copy=True)
+
+
+def _first(names: list, shown: int = 3) -> str:
+    """The first few entries of a list, and how many more there are."""
+    more = f" (and {len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 class ModuleList(Module):

@@ -12,6 +12,11 @@ Three rules keep it correct and lean:
 - Gradients accumulate into the ``.grad`` of leaves across backward calls (zero them yourself).
 - After backward the graph is freed (each Function drops its saved arrays as soon as it has run),
   unless ``retain_graph=True``.
+
+Imports: the only import cycle of the library is tensor.py <-> functional.py. Tensor's operators
+(``a + b``, ``x.sum()``) call the ops in functional.py, which build on Function and Tensor here,
+so functional.py is imported at the end of this file, once both exist. Every other import in the
+library goes one way, downwards (fused.py, for one, imports this module and never functional.py).
 """
 
 from __future__ import annotations
@@ -115,6 +120,9 @@ _FREED = _FreedGraph()
 class Tensor:
     """An n-dimensional array with an optional gradient.
 
+    Its operators and methods forward to ``functional`` (``F``): the only import cycle, see the
+    module docstring.
+
     Args:
         data: a NumPy/CuPy array, a Python number or nested list, or a Tensor.
         requires_grad: record operations on it and fill ``.grad`` on backward (floats only).
@@ -204,8 +212,6 @@ class Tensor:
 
     def to(self, device) -> Tensor:
         """A copy on ``device`` (differentiable); ``self`` when it is already there."""
-        from . import functional as F
-
         return F.to_device(self, device)
 
     def cpu(self) -> Tensor:
@@ -317,11 +323,12 @@ class Tensor:
     def __neg__(self): return F.neg(self)
     def __getitem__(self, index): return F.getitem(self, index)
 
-    # comparisons give boolean tensors that never require grad
-    def __lt__(self, other): return Tensor._wrap(self.data < _raw(other), self.device, False)
-    def __le__(self, other): return Tensor._wrap(self.data <= _raw(other), self.device, False)
-    def __gt__(self, other): return Tensor._wrap(self.data > _raw(other), self.device, False)
-    def __ge__(self, other): return Tensor._wrap(self.data >= _raw(other), self.device, False)
+    # comparisons give boolean tensors that never require grad; array operands move to our device
+    def __lt__(self, other): return self._compare(self.data < array_on(other, self.device))
+    def __le__(self, other): return self._compare(self.data <= array_on(other, self.device))
+    def __gt__(self, other): return self._compare(self.data > array_on(other, self.device))
+    def __ge__(self, other): return self._compare(self.data >= array_on(other, self.device))
+    def _compare(self, result) -> Tensor: return Tensor._wrap(result, self.device, False)
 
     def exp(self): return F.exp(self)
     def log(self): return F.log(self)
@@ -350,8 +357,18 @@ def _shape(args: tuple) -> tuple:
     return tuple(args)
 
 
-def _raw(x):
-    return x.data if isinstance(x, Tensor) else x
+def array_on(x, device: str):
+    """``x`` as an array of ``device``: a Tensor's array, or an array or list moved there.
+
+    Operands that are not Tensors (conditions, masks, ids, state dicts) often arrive as NumPy
+    arrays while the tensor they meet lives on the GPU, and CuPy refuses NumPy arrays: they are
+    copied over here (no copy when already there). Python numbers are returned as they are.
+    """
+    if isinstance(x, Tensor):
+        x = x.data
+    if isinstance(x, (bool, int, float)):
+        return x
+    return backend.to_device(x, device)
 
 
 # functional.py builds on Function and Tensor above, so it is imported last.

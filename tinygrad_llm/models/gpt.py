@@ -95,6 +95,30 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, H, T_past + T, D)
 
 
+class CausalMaskCache:
+    """The additive causal masks (Tq, Tk) of one model, built once per shape and kept.
+
+    The mask is the same at every training step, and building it (a triangle, then a float copy)
+    costs about as much as adding it, so the model keeps each one it has used, keyed by
+    (device, query_length, key_length, dtype). At most ``max_entries`` are kept: decoding with a
+    KV cache asks for a new key length at every step.
+    """
+
+    def __init__(self, max_entries: int = 32):
+        self.masks: dict = {}
+        self.max_entries = max_entries
+
+    def get(self, query_length: int, key_length: int, device: str, dtype):
+        """0 where query i may see key j, the float minimum where it may not: (Tq, Tk)."""
+        key = (device, query_length, key_length, np.dtype(dtype).str)
+        if key not in self.masks:
+            if len(self.masks) >= self.max_entries:
+                self.masks.clear()
+            blocked = F.causal_mask(query_length, key_length, backend.array_module(device))
+            self.masks[key] = F.make_additive_mask(blocked, dtype)
+        return self.masks[key]
+
+
 class CausalSelfAttention(Module):
     """Multi-head attention in which each position sees itself and the positions before it."""
 
@@ -107,7 +131,10 @@ class CausalSelfAttention(Module):
         self.dropout = config.dropout
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, key_mask=None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, attn_mask=None) -> Tensor:
+        """x (B, T, C) -> (B, T, C). ``attn_mask``: the causal (and padding) mask in additive
+        form, broadcastable to (B, H, T, T_keys), as GPT builds it once per forward; without
+        one the op builds the causal mask itself."""
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
         qkv = self.c_attn(x)  # (B, T, C) -> (B, T, 3C)
@@ -117,7 +144,11 @@ class CausalSelfAttention(Module):
             k_all, v_all = cache.append(k.data, v.data)
             k, v = Tensor(k_all), Tensor(v_all)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, causal=True, mask=key_mask, dropout_p=p)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=p)
+        else:  # the mask already holds the causal part: causal=False, so it is not applied twice
+            y = F.scaled_dot_product_attention(q, k, v, causal=False, additive_mask=attn_mask,
+                                               dropout_p=p)
         y = y.permute(0, 2, 1, 3).reshape(B, T, C)  # (B, H, T, D) -> heads side by side (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -143,8 +174,8 @@ class Block(Module):
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, key_mask=None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, key_mask)
+    def forward(self, x: Tensor, cache: KVCache | None = None, attn_mask=None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -160,6 +191,7 @@ class GPT(Module):
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_eps, bias=config.bias)
         self.lm_head = None if config.tie_weights else Linear(config.n_embd, config.vocab_size,
                                                               bias=False)
+        self.causal_masks = CausalMaskCache()  # what every block's attention adds to its scores
         # GPT-2 initialisation: N(0, 0.02) everywhere (done by the layers), but the projections
         # that write into the residual stream are scaled by 1/sqrt(2 n_layer), since 2 of them per
         # block add up along the residual path.
@@ -180,7 +212,9 @@ class GPT(Module):
         """Logits for every position (or only the last): (B, T, V).
 
         Args:
-            ids: integer array or Tensor (B, T).
+            ids: integer array or Tensor (B, T), each in 0..vocab_size-1. Ids on the host are
+                checked; ids already on the GPU are not (it would cost a device sync per call),
+                so keeping those in range is the caller's job.
             caches: from ``new_kv_cache``: earlier positions are read from them, and these
                 positions are added to them (incremental decoding).
             positions: (B, T) position ids; default 0..T-1, after any cached positions.
@@ -209,31 +243,48 @@ class GPT(Module):
                       padding_mask=None) -> Tensor:
         """The final hidden states (B, T, C), before the LM head: what a classification head
         reads (finetune/classification.py). Arguments as in ``forward``."""
-        xp = backend.array_module(self.device)
-        ids = _on_device(ids, xp, self.device)
+        config, device = self.config, self.device
+        xp = backend.array_module(device)
+        ids = _host_array(ids)
+        vocab = config.vocab_size
+        bad = F.first_invalid_id(ids, vocab)  # checked on the host, before any GPU sees it
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the model's vocabulary of {vocab} tokens "
+                             f"(ids must be in 0..{vocab - 1}); encode the text with the tokenizer "
+                             "the model was built for")
+        ids = backend.to_device(ids, device)
         B, T = ids.shape
         start = caches[0].length if caches else 0
-        if start + T > self.config.context_length:
+        if start + T > config.context_length:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's context "
-                             f"length {self.config.context_length}; crop it to the last "
-                             f"{self.config.context_length} tokens")
+                             f"length {config.context_length}; crop it to the last "
+                             f"{config.context_length} tokens")
         if positions is None:
             positions = xp.arange(start, start + T)  # (T,), the same for every row
         else:
-            positions = _on_device(positions, xp, self.device)
-        key_mask = None
-        if padding_mask is not None:  # (B, Tk) -> (B, 1, 1, Tk): no query attends to padding
-            key_mask = _on_device(padding_mask, xp, self.device)[:, None, None, :]
+            positions = _host_array(positions)
+            bad = F.first_invalid_id(positions, config.context_length)
+            if bad is not None:
+                raise ValueError(f"position {bad} is outside the model's {config.context_length} "
+                                 f"positions (0..{config.context_length - 1}); crop the sequence "
+                                 "or count positions from 0")
+            positions = backend.to_device(positions, device)
+        dtype = self.wte.weight.dtype
+        if padding_mask is None:  # causal only: the same mask at every step, cached
+            attn_mask = self.causal_masks.get(T, start + T, device, dtype)  # (T, Tk)
+        else:  # no query attends to padding: (B, Tk) -> (B, 1, 1, Tk), with the causal mask
+            allowed = backend.to_device(_host_array(padding_mask), device).astype(bool)
+            blocked = F.causal_mask(T, start + T, xp) | ~allowed[:, None, None, :]
+            attn_mask = F.make_additive_mask(blocked, dtype)  # (B, 1, T, Tk), once per forward
         x = self.wte(ids) + self.wpe(positions)  # (B, T, C) + (T, C) or (B, T, C) -> (B, T, C)
         x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, None if caches is None else caches[i], key_mask)
+            x = block(x, None if caches is None else caches[i], attn_mask)
         return self.ln_f(x)
 
 
-def _on_device(array, xp, device):
-    """An integer array (or Tensor) as an array of the model's device."""
+def _host_array(array):
+    """An integer array, list or Tensor as an array: NumPy, unless it already lives on the GPU
+    (host ids are checked before they move: CuPy would wrap an out-of-range id around)."""
     array = array.data if isinstance(array, Tensor) else array
-    if backend.get_array_module(array) is xp:
-        return xp.asarray(array)
-    return backend.to_device(array, device)
+    return array if backend.get_array_module(array) is not np else np.asarray(array)

@@ -1,0 +1,428 @@
+"""The fused transformer ops: each equals a short formula of the primitives, in fewer passes.
+
+Written with ``F.softmax``, ``F.log``, ``F.sum`` ... these ops would be correct but slow: every
+step would save its own arrays and allocate its own temporaries. Here each is one ``Function``
+whose forward and backward take a few in-place array passes, keep only what the backward needs,
+and do row sums through BLAS (``sum_last``, ``sum_leading``, ``dot_last``). Each docstring names
+the unfused formula the op equals, and the tests check it against exactly that.
+
+    cross_entropy          -mean over counted rows of log_softmax(logits)[i, t_i]
+    linear_cross_entropy   cross_entropy(linear(x, W, b), t), never holding all the logits
+    layer_norm, rms_norm   (x - mean) / sqrt(var + eps) * w + b,   x / sqrt(mean(x^2) + eps) * w
+    embedding              weight[ids], with a sort-based backward
+    scaled_dot_product_attention   softmax(q k^T / sqrt(D) + mask) v
+
+Use them as ``F.<name>``: ``functional.py`` re-exports them. This module imports only ``tensor``
+and ``backend`` (never ``functional``), so its imports go one way.
+
+Integer inputs (ids, targets) that arrive on the host are checked against the table or class
+count here, before they reach a device: CuPy would silently wrap an out-of-range index around.
+Arrays already on the GPU are not checked (that would cost a device sync on every call): keeping
+them in range is the caller's responsibility.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+
+import numpy as np
+
+from . import backend
+from .tensor import Function, Tensor, array_on
+
+get_xp = backend.get_array_module
+
+# Logits per chunk of the fused LM head + loss. backend.tune_cpu_allocator raises glibc's mmap
+# threshold to 32 MiB, so buffers below it are reused warm instead of mapped fresh (a page fault
+# per 4 KiB): 30 MiB keeps each chunk's logits under it while keeping the matrix products large.
+# A baby-GPT step on GPT-2 tokens took 243 ms instead of 346 ms unfused; 8 MiB chunks were slower
+# than unfused (too few rows per product).
+HEAD_CHUNK_BYTES = 30 << 20
+
+
+# ========================================================================== fast sums
+# NumPy's ``sum(axis=-1)`` over short rows is slow (a Python-level loop in C per row). A
+# matrix-vector product with a vector of ones computes the same sums in BLAS, 5-7x faster, and
+# ``einsum`` forms row-wise dot products without the product temporary.
+def sum_last(x):
+    """sum(x, axis=-1, keepdims=True) through BLAS: (..., C) -> (..., 1)."""
+    ones = get_xp(x).ones(x.shape[-1], dtype=x.dtype)
+    return (x.reshape(-1, x.shape[-1]) @ ones).reshape(x.shape[:-1] + (1,))
+
+
+def sum_leading(x):
+    """Sum over every axis but the last through BLAS: (..., C) -> (C,)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return get_xp(x).ones(rows.shape[0], dtype=x.dtype) @ rows
+
+
+def dot_last(a, b):
+    """sum(a * b, axis=-1, keepdims=True) without materialising a * b: (..., C) -> (..., 1)."""
+    c = a.shape[-1]
+    dots = get_xp(a).einsum("ij,ij->i", a.reshape(-1, c), b.reshape(-1, c))
+    return dots.reshape(a.shape[:-1] + (1,))
+
+
+# ====================================================================== integer inputs
+def first_invalid_id(ids, size: int, allowed: int | None = None):
+    """The first id of a NumPy array outside 0..size-1 (and not equal to ``allowed``), else None.
+
+    Arrays on the GPU give None: checking them would cost a device sync (the caller's job).
+    """
+    if get_xp(ids) is not np or ids.size == 0:
+        return None
+    if ids.min() >= 0 and ids.max() < size:  # the common case: two passes, no temporaries
+        return None
+    bad = (ids < 0) | (ids >= size)
+    if allowed is not None:
+        bad &= ids != allowed
+    return int(ids[bad][0]) if bad.any() else None
+
+
+def _host_array(x):
+    """The array of a Tensor, list or array: NumPy, unless it already lives on the GPU."""
+    x = x.data if isinstance(x, Tensor) else x
+    return x if get_xp(x) is not np else np.asarray(x)
+
+
+# ====================================================================== cross-entropy
+class CrossEntropy(Function):
+    """Mean negative log-likelihood of integer targets under softmax(logits)."""
+
+    def forward(self, logits, targets, ignore_index):
+        xp = get_xp(logits)
+        self.shape = logits.shape
+        logits = logits.reshape(-1, logits.shape[-1])  # (B, T, C) -> (N, C)
+        targets = targets.reshape(-1)  # (B, T) -> (N,)
+        self.valid = targets != ignore_index
+        self.count = int(self.valid.sum())
+        self.rows = xp.arange(targets.shape[0])
+        self.safe_targets = xp.where(self.valid, targets, 0)  # ignored rows read class 0
+        # loss_i = logsumexp(x_i) - x_i[t_i], with the max shifted out for stability
+        probs = logits - logits.max(axis=1, keepdims=True)
+        target_logit = probs[self.rows, self.safe_targets]
+        xp.exp(probs, out=probs)
+        total = sum_last(probs)  # (N, 1)
+        probs /= total
+        total = total[:, 0]
+        self.probs = probs
+        losses = xp.log(total) - target_logit
+        if self.count == 0:
+            return xp.asarray(xp.nan, dtype=logits.dtype)
+        return (losses * self.valid).sum() / self.count
+
+    def backward(self, g):
+        # d loss / d logits_i = (softmax(x_i) - onehot(t_i)) / count on counted rows, 0 elsewhere
+        scale = self.valid * (g / self.count)  # (N,)
+        grad = self.probs * scale[:, None].astype(self.probs.dtype)
+        grad[self.rows, self.safe_targets] -= scale.astype(grad.dtype)
+        return grad.reshape(self.shape)
+
+
+def _targets_on(targets, lead_shape: tuple, classes: int, ignore_index: int, device: str):
+    """Integer targets checked (shape; range, when on the host) and moved to ``device``."""
+    targets = _host_array(targets)
+    if targets.shape != lead_shape:
+        raise ValueError(f"targets of shape {targets.shape} do not match the inputs' leading "
+                         f"shape {lead_shape}: one target per position")
+    bad = first_invalid_id(targets, classes, allowed=ignore_index)
+    if bad is not None:
+        raise ValueError(f"target {bad} is out of range for {classes} classes: targets must be in "
+                         f"0..{classes - 1}, or ignore_index={ignore_index} to skip a position; "
+                         "check that the labels and the model's vocabulary size agree")
+    return backend.to_device(targets, device)
+
+
+def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy; logits (N, C) or (B, T, C), integer targets (N,) or (B, T).
+
+    Equals ``-mean(F.log_softmax(logits)[i, t_i])`` over the positions i whose target is not
+    ``ignore_index`` (those are left out of both the sum and the count).
+    """
+    targets = _targets_on(targets, logits.shape[:-1], logits.shape[-1], ignore_index,
+                          logits.device)
+    return CrossEntropy.apply(logits, targets=targets, ignore_index=ignore_index)
+
+
+# ============================================================ fused LM head + loss
+class LinearCrossEntropy(Function):
+    """cross_entropy(x @ weight + bias, targets) without ever holding all the logits.
+
+    With a large vocabulary the logits (N, V) are the largest arrays of a training step (154 MB
+    for 768 positions of GPT-2's 50,257 tokens). Here the rows go through in chunks of
+    ``chunk_rows``: logits, softmax and loss of one chunk, then -- because the loss is the last
+    op, its upstream gradient is a scalar -- that chunk's contribution to dx, dW and db right
+    away, for an upstream gradient of 1. Backward only scales them by the real upstream gradient.
+    """
+
+    def forward(self, x, weight, bias=None, *, targets, ignore_index, chunk_rows):
+        xp = get_xp(x)
+        self.x_shape, self.has_bias = x.shape, bias is not None
+        x2, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)  # (N, C), (N,)
+        valid = targets != ignore_index
+        count = int(valid.sum())
+        need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
+        need_b = self.has_bias and self.needs_input_grad[2]
+        self.gx = xp.empty_like(x2) if need_x else None
+        self.gw = xp.zeros_like(weight) if need_w else None
+        self.gb = xp.zeros_like(bias) if need_b else None
+        total = 0.0
+        for start in range(0, len(x2), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = x2[rows] @ weight  # (n, C) @ (C, V) -> (n, V)
+            if bias is not None:
+                logits += bias
+            counted = valid[rows]
+            picked = xp.where(counted, targets[rows], 0)  # ignored rows read class 0
+            index = xp.arange(len(picked))
+            logits -= logits.max(axis=1, keepdims=True)  # loss_i = log sum exp - target logit
+            target_logit = logits[index, picked]
+            probs = xp.exp(logits, out=logits)
+            sums = sum_last(probs)  # (n, 1)
+            total += float(((xp.log(sums[:, 0]) - target_logit) * counted).sum())
+            if need_x or need_w or need_b:
+                # d loss / d logits = (softmax - onehot) / count on counted rows, 0 elsewhere
+                weight_of_row = (counted / builtins.max(count, 1)).astype(probs.dtype)[:, None]
+                probs *= weight_of_row / sums
+                probs[index, picked] -= weight_of_row[:, 0]
+                if need_x:
+                    self.gx[rows] = probs @ weight.T  # (n, V) @ (V, C)
+                if need_w:
+                    self.gw += x2[rows].T @ probs  # (C, n) @ (n, V)
+                if need_b:
+                    self.gb += sum_leading(probs)
+        if count == 0:
+            return xp.asarray(xp.nan, dtype=x.dtype)
+        return xp.asarray(total / count, dtype=x.dtype)
+
+    def backward(self, g):
+        # every gradient was computed for d loss = 1; the chain rule scales it by g
+        gx = None if self.gx is None else (self.gx * g).reshape(self.x_shape)
+        gw = None if self.gw is None else self.gw * g
+        if not self.has_bias:
+            return gx, gw
+        return gx, gw, (None if self.gb is None else self.gb * g)
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, targets, bias: Tensor | None = None,
+                         ignore_index: int = -100, chunk_bytes: int = HEAD_CHUNK_BYTES) -> Tensor:
+    """The LM head and the loss in one op: equals ``F.cross_entropy(F.linear(x, weight, bias),
+    targets, ignore_index)``; x (..., C), weight (C, V), bias (V,), targets x.shape[:-1].
+
+    Computed in row chunks of about ``chunk_bytes`` of logits (see ``HEAD_CHUNK_BYTES``).
+    """
+    targets = _targets_on(targets, x.shape[:-1], weight.shape[1], ignore_index, x.device)
+    rows = builtins.max(1, chunk_bytes // (weight.shape[1] * weight.dtype.itemsize))
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    return LinearCrossEntropy.apply(*inputs, targets=targets, ignore_index=ignore_index,
+                                    chunk_rows=rows)
+
+
+# ======================================================================= embedding
+class Embedding(Function):
+    def forward(self, weight, ids):
+        self.ids, self.weight_shape, self.dtype = ids, weight.shape, weight.dtype
+        return weight[ids]  # gather rows: (B, T) ids -> (B, T, C)
+
+    def backward(self, g):
+        # each row of the table gets the sum of the gradients at every position that read it:
+        # d weight[v] = sum of g[i] over the positions i with ids[i] == v (sorted runs on the CPU)
+        grad = get_xp(g).zeros(self.weight_shape, dtype=self.dtype)
+        backend.index_add_rows(grad, self.ids.reshape(-1), g.reshape(-1, self.weight_shape[1]))
+        return grad
+
+
+def embedding(ids, weight: Tensor) -> Tensor:
+    """Rows of ``weight`` (V, C) picked by integer ``ids`` of any shape -> ids.shape + (C,).
+
+    Equals ``weight[ids]`` (``F.getitem``), with a faster backward. Host ids must be in 0..V-1.
+    """
+    ids = _host_array(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding ids must be integers, got dtype {ids.dtype}")
+    bad = first_invalid_id(ids, weight.shape[0])
+    if bad is not None:
+        raise ValueError(f"embedding id {bad} is out of range for a table of {weight.shape[0]} "
+                         f"rows: ids must be in 0..{weight.shape[0] - 1}; check that the ids come "
+                         "from the tokenizer this table was built for")
+    return Embedding.apply(weight, ids=backend.to_device(ids, weight.device))
+
+
+# =================================================================== normalization
+class LayerNorm(Function):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis."""
+
+    def forward(self, x, weight, bias=None, eps=1e-5):
+        xp = get_xp(x)
+        width = x.shape[-1]
+        xhat = x - sum_last(x) / width  # centered, (..., C)
+        rstd = 1 / xp.sqrt(dot_last(xhat, xhat) / width + eps)  # (..., 1)
+        xhat *= rstd  # normalized input
+        self.xhat, self.rstd, self.weight, self.has_bias = xhat, rstd, weight, bias is not None
+        y = xhat * weight
+        if bias is not None:
+            y += bias
+        return y
+
+    def backward(self, g):
+        # with gx̂ = g * w and averages over the C features:
+        #   dx = rstd * (gx̂ - mean(gx̂) - x̂ * mean(gx̂ * x̂)),  dw = sum(g * x̂),  db = sum(g)
+        xhat, rstd = self.xhat, self.rstd
+        width = xhat.shape[-1]
+        gx = None
+        if self.needs_input_grad[0]:
+            gx = g * self.weight  # gx̂, (..., C)
+            correction = xhat * (dot_last(gx, xhat) / width)  # the path through the variance
+            correction += sum_last(gx) / width  # the path through the mean
+            gx -= correction
+            gx *= rstd
+        gw = sum_leading(g * xhat) if self.needs_input_grad[1] else None
+        if not self.has_bias:
+            return gx, gw
+        return gx, gw, (sum_leading(g) if self.needs_input_grad[2] else None)
+
+
+class RMSNorm(Function):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last axis (Llama's norm)."""
+
+    def forward(self, x, weight, eps=1e-6):
+        xp = get_xp(x)
+        rstd = 1 / xp.sqrt(dot_last(x, x) / x.shape[-1] + eps)  # (..., 1)
+        xhat = x * rstd
+        self.xhat, self.rstd, self.weight = xhat, rstd, weight
+        return xhat * weight
+
+    def backward(self, g):
+        # with gx̂ = g * w:  dx = rstd * (gx̂ - x̂ * mean(gx̂ * x̂)),  dw = sum(g * x̂)
+        xhat, rstd = self.xhat, self.rstd
+        gx = None
+        if self.needs_input_grad[0]:
+            gx = g * self.weight  # gx̂, (..., C)
+            gx -= xhat * (dot_last(gx, xhat) / xhat.shape[-1])
+            gx *= rstd
+        gw = sum_leading(g * xhat) if self.needs_input_grad[1] else None
+        return gx, gw
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Layer normalization over the last axis; x (..., C), weight and bias (C,).
+
+    Equals ``(x - x.mean(-1)) / F.sqrt(x.var(-1) + eps) * weight + bias`` (keepdims means).
+    """
+    if bias is None:
+        return LayerNorm.apply(x, weight, eps=eps)
+    return LayerNorm.apply(x, weight, bias, eps=eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMS normalization over the last axis; x (..., C), weight (C,).
+
+    Equals ``x / F.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight``.
+    """
+    return RMSNorm.apply(x, weight, eps=eps)
+
+
+# ======================================================================== attention
+def causal_mask(query_length: int, key_length: int, xp=np):
+    """Boolean (Tq, Tk) mask, True where query i may NOT see key j.
+
+    Queries are the last ``query_length`` positions of the keys (bottom-right aligned), so with
+    a KV cache query i sits at position i + Tk - Tq and sees keys 0 .. i + Tk - Tq.
+    """
+    return xp.triu(xp.ones((query_length, key_length), dtype=bool), k=1 + key_length - query_length)
+
+
+def make_additive_mask(blocked, dtype):
+    """The additive form of a boolean mask (True = blocked), same shape: 0 where attention is
+    allowed, the most negative finite float of ``dtype`` where it is blocked.
+
+    Adding it is one pass over the scores (cheaper than a masked copy), and a finite minimum
+    makes a fully blocked row come out uniform instead of NaN. Never add two of them: the sum
+    of two minima overflows to -inf; combine the boolean masks first (``a | b``).
+    """
+    xp = get_xp(blocked)
+    return xp.where(blocked, np.finfo(dtype).min, 0).astype(dtype)
+
+
+def _dropout_keep(shape, p: float, dtype, device: str):
+    """F.dropout's scaled Bernoulli mask: 1/(1-p) with probability 1-p, else 0 (seeded)."""
+    keep = backend.generator(device).random(shape, dtype=np.float32) >= p
+    return keep.astype(dtype) * (1.0 / (1.0 - p))
+
+
+class ScaledDotProductAttention(Function):
+    """softmax(q k^T / sqrt(D) + mask) v for q (B, H, Tq, D), k and v (B, H, Tk, D).
+
+    Saves the scaled queries, k, v, the attention probabilities P (B, H, Tq, Tk), the output
+    and, with dropout, the scaled keep mask (B, H, Tq, Tk): exactly what the backward needs, and
+    no score matrix besides.
+    """
+
+    def forward(self, q, k, v, mask, dropout_p, device):
+        # reference: out = softmax(q @ k^T / sqrt(D) + mask) @ v, with dropout on the softmax
+        xp = get_xp(q)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        q = q * scale  # scaling q (T x D) is cheaper than scaling the scores (T x T)
+        scores = q @ k.swapaxes(-1, -2)  # (B, H, Tq, D) @ (B, H, D, Tk) -> (B, H, Tq, Tk)
+        if mask is not None:
+            scores += mask  # additive: 0 = may attend, the float minimum = blocked
+        # softmax over the keys, in place
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = xp.exp(scores, out=scores)
+        probs *= 1 / sum_last(probs)
+        self.keep = None
+        if dropout_p > 0:  # dropout on the attention weights (GPT-2's attn_pdrop)
+            self.keep = _dropout_keep(probs.shape, dropout_p, probs.dtype, device)
+            out = (probs * self.keep) @ v
+        else:
+            out = probs @ v  # (B, H, Tq, Tk) @ (B, H, Tk, D) -> (B, H, Tq, D)
+        self.q, self.k, self.v, self.probs, self.scale, self.out = q, k, v, probs, scale, out
+        return out
+
+    def backward(self, g):
+        # out = P' v with P' = P * keep;  dv = P'^T g;  dP = (g v^T) * keep
+        # softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(g * out)
+        # (the FlashAttention identity: sum_j P_ij dP_ij = g_i . out_i), then with scores
+        # S = (s q) k^T:  dq = s dS k,  dk = dS^T (s q)
+        q, k, v, probs, keep = self.q, self.k, self.v, self.probs, self.keep
+        dropped = probs if keep is None else probs * keep
+        dv = dropped.swapaxes(-1, -2) @ g  # (B, H, Tk, Tq) @ (B, H, Tq, D) -> (B, H, Tk, D)
+        dscores = g @ v.swapaxes(-1, -2)  # (B, H, Tq, Tk)
+        if keep is not None:
+            dscores *= keep
+        dscores -= dot_last(g, self.out)
+        dscores *= probs
+        dq = dscores @ k  # (B, H, Tq, D)
+        dq *= self.scale
+        dk = dscores.swapaxes(-1, -2) @ q  # (B, H, Tk, D); q is already scaled
+        return dq, dk, dv
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
+                                 dropout_p: float = 0.0, additive_mask=None) -> Tensor:
+    """Fused attention on (B, H, T, D) tensors: equals softmax(q k^T / sqrt(D) + mask) v.
+
+    Args:
+        q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tk >= Tq (a KV cache holds the earlier keys).
+        causal: each query sees only keys at or before its own position (bottom-right aligned);
+            the mask is built on every call.
+        mask: optional boolean array broadcastable to (B, H, Tq, Tk); True = may attend.
+        dropout_p: dropout on the attention weights (training only; pass 0 in eval).
+        additive_mask: instead of ``causal`` and ``mask``, the whole mask already in additive
+            form (``make_additive_mask``), broadcastable to (B, H, Tq, Tk): how a model passes
+            the causal mask it caches (``models.gpt.CausalMaskCache``).
+    """
+    if additive_mask is not None:
+        if causal or mask is not None:
+            raise ValueError("scaled_dot_product_attention: additive_mask is the whole mask; pass "
+                             "causal=False and no mask with it (or build it from both)")
+        additive_mask = array_on(additive_mask, q.device)
+    elif causal or mask is not None:
+        xp = backend.array_module(q.device)
+        blocked = causal_mask(q.shape[-2], k.shape[-2], xp) if causal else False
+        if mask is not None:  # True = may attend (PyTorch's convention)
+            blocked = blocked | ~xp.asarray(array_on(mask, q.device), dtype=bool)
+        additive_mask = make_additive_mask(blocked, q.dtype)
+    return ScaledDotProductAttention.apply(q, k, v, mask=additive_mask, dropout_p=dropout_p,
+                                           device=q.device)
