@@ -141,7 +141,7 @@ def main() -> int:
     run("tests on cuda (ops, tensor, backend)",
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
          "tests/test_functional.py", "tests/test_tensor.py", "tests/test_backend.py",
-         "-k", "cuda"], timeout=240,
+         "-k", "cuda"], timeout=150,
         parse=lambda out: (out.strip().splitlines() or ["?"])[-1][:100])
     start = time.perf_counter()
     try:
@@ -153,11 +153,11 @@ def main() -> int:
     run("train step GPT-2 124M, B=8, T=1024 (float32)",
         [sys.executable, "bench/train_step.py", "--device", "cuda", "--n-layer", "12",
          "--n-head", "12", "--n-embd", "768", "--context-length", "1024", "--batch-size", "8",
-         "--vocab-size", "50257", "--steps", "8", "--warmup", "3"], timeout=240,
+         "--vocab-size", "50257", "--steps", "8", "--warmup", "3"], timeout=150,
         parse=lambda out: f"ours {value(out, 'tokens_per_s')} tok/s, PyTorch eager "
                           f"{value(out, 'torch_tokens_per_s')}, ratio {value(out, 'ratio')}")
     run("generate GPT-2 124M, 200 tokens",
-        [sys.executable, "bench/generate.py", "--device", "cuda"], timeout=120,
+        [sys.executable, "bench/generate.py", "--device", "cuda"], timeout=90,
         parse=lambda out: f"KV cache {value(out, 'kv_cache_tokens_per_s')} tok/s, no cache "
                           f"{value(out, 'no_cache_tokens_per_s')}")
     width = max(len(name) for name, _, _ in ROWS)
