@@ -229,3 +229,17 @@ def test_the_installed_command_prints_one_line_and_debug_shows_the_traceback(tmp
     assert plain.stderr.strip().startswith("error:") and "does not exist" in plain.stderr
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_second_ctrl_c_ends_at_once_with_one_line(capsys):
+    from tinygrad_llm.train.cli import execute
+
+    def interrupted(args):
+        raise KeyboardInterrupt  # what the trainer's handler raises on the second Ctrl-C
+
+    class Args:
+        debug = False
+
+    assert execute(interrupted, Args()) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "last checkpoint, which is intact" in err

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from tinygrad_llm import Tensor, backend, hf, lora
+from tinygrad_llm import functional as F
+from tinygrad_llm.lora import apply_lora
 from tinygrad_llm.gradcheck import check_gradients
 from tinygrad_llm.loading import load_model, save_model
 from tinygrad_llm.models.gpt import GPT, GPTConfig, preset
@@ -366,3 +368,17 @@ def test_merge_lora_command_refuses_a_misfit_in_one_line(trained, tmp_path, caps
     assert err.count("\n") == 1 and len(err) < 400
     assert "h.0.attn.c_attn.lora_A has shape (8, 4)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_wrapped_lm_head_trains_through_the_models_loss():
+    backend.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, context_length=8, n_layer=1, n_head=1, n_embd=8,
+                          tie_weights=False))
+    ids = np.array([[1, 2, 3, 4]])
+    targets = np.array([[2, 3, 4, 5]])
+    expected = F.cross_entropy(model(ids), targets).item()
+    apply_lora(model, rank=2, alpha=4, targets=("lm_head",))
+    loss = model.loss(ids, targets)  # the fused head cannot see the LoRA path: unfused here
+    assert abs(loss.item() - expected) < 1e-6  # B = 0: the same loss as the base
+    loss.backward()
+    assert model.lm_head.lora_B.grad is not None and np.abs(model.lm_head.lora_B.grad).sum() > 0

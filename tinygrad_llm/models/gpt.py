@@ -237,6 +237,8 @@ class GPT(Module):
         if self.lm_head is None:
             return F.linear_cross_entropy(x, self.wte.weight.T, targets, None, ignore_index)
         head = self.lm_head
+        if not isinstance(head, Linear):  # a wrapped head (e.g. LoRA's): its own forward, unfused
+            return F.cross_entropy(head(x), targets, ignore_index)
         return F.linear_cross_entropy(x, head.weight, targets, head.bias, ignore_index)
 
     def hidden_states(self, ids, caches: list[KVCache] | None = None, positions=None,
