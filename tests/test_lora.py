@@ -9,9 +9,9 @@ import pytest
 
 from tinygrad_llm import Tensor, backend, hf, lora
 from tinygrad_llm import functional as F
-from tinygrad_llm.lora import apply_lora
 from tinygrad_llm.gradcheck import check_gradients
 from tinygrad_llm.loading import load_model, save_model
+from tinygrad_llm.lora import apply_lora
 from tinygrad_llm.models.gpt import GPT, GPTConfig, preset
 from tinygrad_llm.nn import Linear
 from tinygrad_llm.optim import AdamW
