@@ -243,3 +243,16 @@ def test_a_second_ctrl_c_ends_at_once_with_one_line(capsys):
     assert execute(interrupted, Args()) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and "last checkpoint, which is intact" in err
+
+
+def test_every_flag_of_every_command_is_explained():
+    import argparse
+
+    from tinygrad_llm.train.cli import COMMANDS, add_common_arguments
+
+    for name, (module, _) in COMMANDS.items():
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        add_common_arguments(parser)
+        silent = [a.dest for a in parser._actions if not a.help]
+        assert not silent, f"{name}: no help for {silent}"
