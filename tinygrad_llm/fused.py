@@ -227,7 +227,7 @@ class Embedding(Function):
 
     def backward(self, g):
         # each row of the table gets the sum of the gradients at every position that read it:
-        # d weight[v] = sum of g[i] over the positions i with ids[i] == v (sorted runs on the CPU)
+        # d weight[v] = sum of g[i] over the positions i with ids[i] == v (sorted runs of ids)
         grad = get_xp(g).zeros(self.weight_shape, dtype=self.dtype)
         backend.index_add_rows(grad, self.ids.reshape(-1), g.reshape(-1, self.weight_shape[1]))
         return grad
