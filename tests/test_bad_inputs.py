@@ -256,3 +256,23 @@ def test_every_flag_of_every_command_is_explained():
         add_common_arguments(parser)
         silent = [a.dest for a in parser._actions if not a.help]
         assert not silent, f"{name}: no help for {silent}"
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_and_resuming_a_classifier(world, tmp_path,
+                                                                            capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(world / "base", bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["tokenizer"]["chars"] += "0123456789"  # 38 characters for a 28-token model
+    (bad / "config.json").write_text(json.dumps(config))
+    fails_cleanly(["generate", "--checkpoint", str(bad)], capsys, tmp_path, "38 tokens")
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps({"text": "abc " * i, "label": str(i % 2)}) + "\n"
+                            for i in range(1, 60)))
+    assert main(["finetune-classifier", "--checkpoint", str(world / "base"), "--out",
+                 str(tmp_path / "clf"), "--data", str(data), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    fails_cleanly(["pretrain", "--out", str(tmp_path / "clf"), "--resume", "--quiet"], capsys,
+                  tmp_path, "holds a classifier")

@@ -14,7 +14,6 @@ import argparse
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 
@@ -35,7 +34,7 @@ from tinygrad_llm.finetune.classification import (
     train_classifier,
 )
 from tinygrad_llm.loading import load_model
-from tinygrad_llm.plotting import INSTALL_HINT, plot_curves
+from tinygrad_llm.plotting import INSTALL_HINT, plot_metrics
 from tinygrad_llm.train.options import (
     UserError,
     check_out_folder,
@@ -101,15 +100,6 @@ def load_examples(args) -> list:
     if args.data is None:  # the bundled SMS file: label<TAB>text, no header
         return read_labeled(SPAM_DATA, args.text_column or 1, args.label_column or 0)
     return read_labeled(args.data, args.text_column or "text", args.label_column or "label")
-
-
-def plot_history(history: list, path: Path) -> bool:
-    """Loss and accuracy per epoch, train and validation, side by side."""
-    epochs = [h["epoch"] for h in history]
-    return plot_curves(path, "epoch", {
-        metric: {split: (epochs, [h[f"{split}_{metric}"] for h in history])
-                 for split in ("train", "val")}
-        for metric in ("loss", "accuracy")})
 
 
 def run(args) -> int:
@@ -194,7 +184,7 @@ def run(args) -> int:
         "config": asdict(config),
     }
     write_json(out / "metrics.json", metrics)
-    if not plot_history(trainer.history, out / "curves.png"):
+    if not plot_metrics(trainer.history, out / "curves.png"):  # loss and accuracy per epoch
         print(INSTALL_HINT, file=sys.stderr)
     print(f"epoch {kept['epoch']}: train accuracy {metrics['train_accuracy']:.4f}, "
           f"validation {metrics['val_accuracy']:.4f}"
