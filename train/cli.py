@@ -8,6 +8,7 @@
     tinygrad-llm classify   --checkpoint DIR "text"           label and probability
     tinygrad-llm finetune-instruct --checkpoint BASE --out DIR     a personal assistant
     tinygrad-llm merge-lora --base DIR --adapter DIR --out DIR     fold LoRA into the weights
+    tinygrad-llm evaluate perplexity|mc|judge|pairwise ...        measure a model
 
 Mistakes in the input end the command with a one-line message and exit code 2 (130 after
 Ctrl-C); ``--debug`` (or TINYGRAD_LLM_DEBUG=1) shows the full traceback instead.
@@ -24,6 +25,7 @@ from tinygrad_llm.train import (
     chat,
     classify,
     download,
+    evaluate,
     finetune_classifier,
     finetune_instruct,
     merge_lora,
@@ -41,6 +43,7 @@ COMMANDS = {
     "classify": (classify, "classify text with a finetuned classifier"),
     "finetune-instruct": (finetune_instruct, "finetune a GPT to follow instructions (+ LoRA)"),
     "merge-lora": (merge_lora, "fold a LoRA adapter into its base model"),
+    "evaluate": (evaluate, "evaluate a model: perplexity, multiple choice, LLM judge, arena"),
 }
 
 
