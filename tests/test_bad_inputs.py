@@ -254,8 +254,13 @@ def test_every_flag_of_every_command_is_explained():
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
         add_common_arguments(parser)
-        silent = [a.dest for a in parser._actions if not a.help]
-        assert not silent, f"{name}: no help for {silent}"
+        parsers = [parser]
+        for action in parser._actions:
+            if isinstance(action.choices, dict):  # sub-commands (evaluate mc ...): their flags
+                parsers += list(action.choices.values())
+        for each in parsers:
+            silent = [a.dest for a in each._actions if not a.help]
+            assert not silent, f"{name} ({each.prog}): no help for {silent}"
 
 
 def test_a_tokenizer_that_does_not_fit_the_model_and_resuming_a_classifier(world, tmp_path,

@@ -37,7 +37,8 @@ from tinygrad_llm.train.options import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    kinds = parser.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
+    kinds = parser.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION",
+                                  help="perplexity, mc, judge or pairwise")
     sub = {}
     for name, text in (("perplexity", "sliding-window loss, perplexity and bits per byte"),
                        ("mc", "multiple-choice accuracy (MMLU layout)"),
