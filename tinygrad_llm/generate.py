@@ -151,7 +151,7 @@ def cut_at_stop(text: str, stop: tuple) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
-def _safe_prefix_length(text: str, stop: tuple) -> int:
+def safe_prefix_length(text: str, stop: tuple) -> int:
     """How much of ``text`` can be shown: hold back a tail that may begin a stop string, and a
     trailing replacement character (a multi-byte character not complete yet)."""
     end = len(text.rstrip("\ufffd"))
@@ -181,7 +181,7 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 200,
             break
         generated.append(int(next_ids[0]))
         text, stopped = cut_at_stop(tokenizer.decode(generated), stop)
-        end = len(text) if stopped else _safe_prefix_length(text, stop)
+        end = len(text) if stopped else safe_prefix_length(text, stop)
         if end > shown:
             yield text[shown:end]
             shown = end

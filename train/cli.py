@@ -9,6 +9,7 @@
     tinygrad-llm finetune-instruct --checkpoint BASE --out DIR     a personal assistant
     tinygrad-llm merge-lora --base DIR --adapter DIR --out DIR     fold LoRA into the weights
     tinygrad-llm evaluate perplexity|mc|judge|pairwise ...        measure a model
+    tinygrad-llm serve      --checkpoint DIR [--port 8000]    OpenAI API and a chat page
 
 Mistakes in the input end the command with a one-line message and exit code 2 (130 after
 Ctrl-C); ``--debug`` (or TINYGRAD_LLM_DEBUG=1) shows the full traceback instead.
@@ -31,6 +32,7 @@ from tinygrad_llm.train import (
     merge_lora,
     pretrain,
     sample,
+    serve,
 )
 from tinygrad_llm.train.options import HelpFormatter, UserError, given_flags
 
@@ -44,6 +46,7 @@ COMMANDS = {
     "finetune-instruct": (finetune_instruct, "finetune a GPT to follow instructions (+ LoRA)"),
     "merge-lora": (merge_lora, "fold a LoRA adapter into its base model"),
     "evaluate": (evaluate, "evaluate a model: perplexity, multiple choice, LLM judge, arena"),
+    "serve": (serve, "serve a model over the OpenAI HTTP API, with a chat page"),
 }
 
 
