@@ -281,3 +281,8 @@ def test_a_tokenizer_that_does_not_fit_the_model_and_resuming_a_classifier(world
     capsys.readouterr()
     fails_cleanly(["pretrain", "--out", str(tmp_path / "clf"), "--resume", "--quiet"], capsys,
                   tmp_path, "holds a classifier")
+
+
+def test_an_output_inside_an_input_folder_is_refused(world, capsys):
+    fails_cleanly(["finetune-classifier", "--checkpoint", str(world / "base"), "--out",
+                   str(world / "base" / "clf")], capsys, world, "inside the input folder")

@@ -686,6 +686,7 @@ from .fused import (  # noqa: E402, F401
     causal_mask,
     cross_entropy,
     dot_last,
+    dpo_loss,
     embedding,
     first_invalid_id,
     layer_norm,

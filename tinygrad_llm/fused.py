@@ -426,3 +426,38 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         additive_mask = make_additive_mask(blocked, q.dtype)
     return ScaledDotProductAttention.apply(q, k, v, mask=additive_mask, dropout_p=dropout_p,
                                            device=q.device)
+
+
+# ============================================================================ DPO loss
+class DPOLoss(Function):
+    """Mean over the batch of -log sigmoid(beta * ((pc - pr) - (rc - rr))), stably."""
+
+    def forward(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta):
+        xp = get_xp(policy_chosen)
+        z = beta * ((policy_chosen - policy_rejected) - (ref_chosen - ref_rejected))  # (B,)
+        self.beta, self.count = beta, z.shape[0]
+        # -log sigmoid(z) = softplus(-z) = max(-z, 0) + log1p(exp(-|z|)): no exp overflows
+        losses = xp.maximum(-z, 0) + xp.log1p(xp.exp(-xp.abs(z)))
+        self.sigmoid_minus_z = 0.5 * (1.0 - xp.tanh(0.5 * z))  # sigmoid(-z), stable for any z
+        return xp.asarray(losses.mean(), dtype=z.dtype)
+
+    def backward(self, g):
+        # d/dz softplus(-z) = -sigmoid(-z); the mean divides by B; dz/d(pc, pr, rc, rr) is
+        # beta * (1, -1, -1, 1). g is a scalar, every gradient (B,).
+        dz = self.sigmoid_minus_z * (-g * self.beta / self.count)
+        return dz, -dz, -dz, dz
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+             ref_rejected: Tensor, beta: float = 0.1) -> Tensor:
+    """The DPO loss: mean of -log sigmoid(beta * ((pc - pr) - (rc - rr))), all four (B,).
+
+    Arguments are per-example sequence log-probabilities of the chosen and rejected answers
+    under the policy and the frozen reference. Equals ``mean(softplus(-z))``; finite for any z.
+    """
+    shapes = {t.shape for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"dpo_loss: expected four (B,) tensors of one shape, got shapes "
+                         f"{sorted(shapes)}")
+    return DPOLoss.apply(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                         beta=float(beta))

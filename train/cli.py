@@ -8,6 +8,7 @@
     tinygrad-llm classify   --checkpoint DIR "text"           label and probability
     tinygrad-llm finetune-instruct --checkpoint BASE --out DIR     a personal assistant
     tinygrad-llm merge-lora --base DIR --adapter DIR --out DIR     fold LoRA into the weights
+    tinygrad-llm finetune-dpo --checkpoint SFT --out DIR           prefer chosen over rejected
     tinygrad-llm evaluate perplexity|mc|judge|pairwise ...        measure a model
     tinygrad-llm serve      --checkpoint DIR [--port 8000]    OpenAI API and a chat page
 
@@ -28,6 +29,7 @@ from tinygrad_llm.train import (
     download,
     evaluate,
     finetune_classifier,
+    finetune_dpo,
     finetune_instruct,
     merge_lora,
     pretrain,
@@ -45,6 +47,7 @@ COMMANDS = {
     "classify": (classify, "classify text with a finetuned classifier"),
     "finetune-instruct": (finetune_instruct, "finetune a GPT to follow instructions (+ LoRA)"),
     "merge-lora": (merge_lora, "fold a LoRA adapter into its base model"),
+    "finetune-dpo": (finetune_dpo, "preference-tune an instruction model with DPO"),
     "evaluate": (evaluate, "evaluate a model: perplexity, multiple choice, LLM judge, arena"),
     "serve": (serve, "serve a model over the OpenAI HTTP API, with a chat page"),
 }

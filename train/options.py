@@ -92,7 +92,8 @@ def check_out_folder(out, inputs=(), resume: bool = False, overwrite: bool = Fal
                      markers=("checkpoint", "metrics.jsonl", "metrics.json")) -> Path:
     """Refuse an output folder that would destroy something.
 
-    - an output that is, or contains, one of the inputs (``--checkpoint base --out base``);
+    - an output that is, or contains, one of the inputs (``--checkpoint base --out base``), or
+      lies inside an input folder (``--checkpoint base --out base/sft``);
     - an output that already holds a run (any of ``markers``), unless ``resume`` continues it
       or ``overwrite`` says to replace it (its old run files are then removed).
     """
@@ -104,6 +105,9 @@ def check_out_folder(out, inputs=(), resume: bool = False, overwrite: bool = Fal
         if _inside(source, out):
             raise UserError(f"--out {out} is or contains the input {source}: writing there "
                             "would destroy it; choose another --out")
+        if source.is_dir() and _inside(out, source):
+            raise UserError(f"--out {out} is inside the input folder {source}: write the new "
+                            "run beside it instead")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     existing = [name for name in markers if (out / name).exists()]
