@@ -123,6 +123,15 @@ def write_json(path, value) -> None:
     os.replace(tmp, path)
 
 
+def write_jsonl(path, records) -> None:
+    """Write one JSON object per line, atomically: a temporary file renamed over the old one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    os.replace(tmp, path)
+
+
 def read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -30,7 +30,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,77 @@ class TrainConfig:
         """The config saved in a checkpoint (unknown keys of other versions are ignored)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class EpochConfig(TrainConfig):
+    """Training by passes over a data set (the finetuning commands): the number of steps, the
+    evaluation interval and the warmup follow from the data's size (``for_data``)."""
+
+    epochs: int = 5
+    warmup_fraction: float = 0.05  # of all steps, linear warmup
+    eval_every_epochs: float = 1.0  # e.g. 0.5: evaluate every half epoch
+    keep_best: bool = True  # end with the weights of the best evaluation
+    checkpoint_every_evaluation: bool = False  # the command saves the kept weights at the end
+
+    def for_data(self, num_examples: int):
+        """The same settings with max_steps, eval_interval and warmup_steps for
+        ``num_examples`` training examples."""
+        steps_per_epoch = math.ceil(num_examples / self.batch_size)
+        total = steps_per_epoch * self.epochs
+        return replace(self, max_steps=total,
+                       eval_interval=max(1, round(steps_per_epoch * self.eval_every_epochs)),
+                       warmup_steps=max(1, int(total * self.warmup_fraction)))
+
+
+class EpochBatches:
+    """Indices of shuffled batches, epoch after epoch: a new seeded order for every epoch."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        self.num_examples, self.batch_size = num_examples, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.epoch, self._batches = 0, iter(())
+
+    def next(self) -> np.ndarray:
+        """The indices (B,) of the next batch (the last of an epoch may be smaller)."""
+        indices = next(self._batches, None)
+        if indices is None:
+            self.epoch += 1
+            order = self.rng.permutation(self.num_examples)
+            self._batches = iter([order[i:i + self.batch_size]
+                                  for i in range(0, len(order), self.batch_size)])
+            indices = next(self._batches)
+        return indices
+
+
+class EpochTask:
+    """What the finetuning tasks share: ``self.batches`` (EpochBatches) over the training
+    examples, the best evaluation is the lowest validation loss, no text after an evaluation,
+    and no resuming (a finetuning run is short: run it again)."""
+
+    batches: EpochBatches
+    _save = None  # the command's save function, when it checkpoints during training
+
+    @property
+    def epoch(self) -> int:
+        return self.batches.epoch
+
+    def score(self, record: dict) -> tuple:
+        return (-record["val_loss"],)
+
+    def after_evaluation(self, model) -> None:
+        return None
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state(self, state: dict) -> None:
+        raise ValueError(f"{type(self).__name__} does not resume; run it again")
+
+    def save(self, directory, model, state, optimizer) -> None:
+        if self._save is None:
+            raise NotImplementedError("this command saves the kept weights itself, at the end")
+        self._save(directory, model, state, optimizer)
 
 
 class Trainer:

@@ -19,13 +19,12 @@ See docs/evaluation.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from tinygrad_llm.checkpoint import write_json
+from tinygrad_llm.checkpoint import write_json, write_jsonl
 from tinygrad_llm.train.options import (
     HelpFormatter,
     UserError,
@@ -196,10 +195,7 @@ def run_mc(args) -> int:
     metrics.update(shots=args.shots, wall_seconds=time.perf_counter() - started,
                    checkpoint=str(args.checkpoint), data=str(args.data), limit=args.limit)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".predictions.jsonl.tmp"
-    with tmp.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    tmp.replace(out / "predictions.jsonl")
+    write_jsonl(out / "predictions.jsonl", records)
     write_json(out / "metrics.json", metrics)
     norm = f", acc_norm {metrics['acc_norm']:.4f}" if "acc_norm" in metrics else ""
     print(f"accuracy {metrics['accuracy']:.4f} +- {metrics['standard_error']:.4f} over "
@@ -217,13 +213,6 @@ def _chat(args):
                        args.timeout, args.seed, max_tokens=16)
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    tmp.replace(path)
-
-
 def run_judge(args) -> int:
     from tinygrad_llm.evaluate.judge import load_responses, score_responses
 
@@ -239,7 +228,7 @@ def run_judge(args) -> int:
     metrics.update(judge_model=args.model, base_url=args.base_url, seed=args.seed,
                    responses=str(args.responses), wall_seconds=time.perf_counter() - started)
     out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "scores.jsonl", scores)
+    write_jsonl(out / "scores.jsonl", scores)
     write_json(out / "metrics.json", metrics)
     mean = "none" if metrics["mean_score"] is None else f"{metrics['mean_score']:.2f}"
     print(f"mean score {mean} over {metrics['n_scored']} responses; {metrics['n_failed']} "
@@ -273,7 +262,7 @@ def run_pairwise(args) -> int:
     records = judge_all_pairs(chat, names, aligned, args.concurrency, args.retries,
                               progress=not args.quiet)
     out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "pairwise.jsonl", records)
+    write_jsonl(out / "pairwise.jsonl", records)
     board = leaderboard(records, names, seed=args.seed)
     board.update(judge_model=args.model, base_url=args.base_url, instructions=len(aligned),
                  failed=sum(r["score_a"] is None for r in records),

@@ -37,6 +37,8 @@ from tinygrad_llm.loading import load_model
 from tinygrad_llm.plotting import INSTALL_HINT, plot_metrics
 from tinygrad_llm.train.options import (
     UserError,
+    add_lora_arguments,
+    apply_lora_args,
     check_out_folder,
     nonnegative_float,
     nonnegative_int,
@@ -85,13 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the class imbalance instead of undersampling")
     parser.add_argument("--seed", type=nonnegative_int, default=DEFAULTS.seed,
                         help="seeds the split, the head's initialisation and the shuffling")
-    parser.add_argument("--lora-rank", type=nonnegative_int, default=0,
-                        help="train LoRA adapters of this rank on the body (and the new head) "
-                             "instead of --trainable (0: no LoRA)")
-    parser.add_argument("--lora-alpha", type=positive_float, default=None,
-                        help="LoRA scale numerator (default: 2 x rank)")
-    parser.add_argument("--lora-targets", default="c_attn,c_proj,c_fc",
-                        help="comma-separated layer names to adapt")
+    add_lora_arguments(parser, "train LoRA adapters of this rank on the body (and the new "
+                               "head) instead of --trainable (0: no LoRA)")
     parser.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda (CuPy)")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
 
@@ -135,12 +132,7 @@ def run(args) -> int:
 
     backend.manual_seed(config.seed)  # the new head's initialisation
     model = GPTClassifier(gpt, len(labels), config.pooling)
-    if args.lora_rank:
-        from tinygrad_llm.lora import apply_lora
-
-        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        apply_lora(model.gpt, rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
-                   targets=targets)
+    if apply_lora_args(model.gpt, args):
         model.head.requires_grad_(True)  # the new head always trains
         trainable = f"lora-{args.lora_rank}"
     else:

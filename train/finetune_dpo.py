@@ -17,14 +17,12 @@ model with the checkpoint's template.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 from tinygrad_llm import backend
-from tinygrad_llm.checkpoint import write_json
+from tinygrad_llm.checkpoint import write_json, write_jsonl
 from tinygrad_llm.finetune.dpo import (
     PREFERENCE_DATA,
     DPOCollapseError,
@@ -45,11 +43,14 @@ from tinygrad_llm.finetune.instruction import (
 from tinygrad_llm.loading import load_model
 from tinygrad_llm.train.options import (
     UserError,
+    add_lora_arguments,
+    apply_lora_args,
     check_out_folder,
     nonnegative_float,
     nonnegative_int,
     positive_float,
     positive_int,
+    save_lora_run,
 )
 from tinygrad_llm.trainer import Trainer
 
@@ -85,13 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=DEFAULTS.collapse_limit,
                         help="stop if the chosen answers fall this many nats per token below "
                              "the reference while the margin grows (0: no guard)")
-    parser.add_argument("--lora-rank", type=nonnegative_int, default=0,
-                        help="train a LoRA adapter of this rank instead of every weight (0: "
-                             "full finetuning)")
-    parser.add_argument("--lora-alpha", type=positive_float, default=None,
-                        help="LoRA scale numerator (default: 2 x rank)")
-    parser.add_argument("--lora-targets", default="c_attn,c_proj,c_fc",
-                        help="comma-separated layer names to adapt")
+    add_lora_arguments(parser, "train a LoRA adapter of this rank instead of every weight "
+                               "(0: full finetuning)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=128,
                         help="the longest test response generated")
     parser.add_argument("--seed", type=nonnegative_int, default=DEFAULTS.seed,
@@ -145,26 +141,13 @@ def run(args) -> int:
            f"cached in {time.perf_counter() - reference_started:.0f} s")
 
     backend.manual_seed(config.seed)
-    lora = None
-    if args.lora_rank:
-        from tinygrad_llm.lora import apply_lora
-
-        alpha = args.lora_alpha or 2.0 * args.lora_rank
-        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        wrapped = apply_lora(model, rank=args.lora_rank, alpha=alpha, targets=targets)
-        model.to(args.device)
-        lora = {"rank": args.lora_rank, "alpha": alpha, "targets": list(targets),
-                "layers": len(wrapped)}
+    lora = apply_lora_args(model, args)  # its A and B are made on the model's device
     trainable, total = model.num_params(trainable_only=True), model.num_params()
     report(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)"
            + (f", LoRA rank {args.lora_rank} on {lora['layers']} layers" if lora else "")
            + f"; beta {config.beta}, lr {config.learning_rate}")
 
-    steps_per_epoch = math.ceil(len(encoded["train"]) / config.batch_size)
-    config = replace(config, max_steps=steps_per_epoch * config.epochs,
-                     eval_interval=max(1, round(steps_per_epoch * config.eval_every_epochs)),
-                     warmup_steps=max(1, int(steps_per_epoch * config.epochs
-                                             * config.warmup_fraction)))
+    config = config.for_data(len(encoded["train"]))  # steps, evaluations, warmup
     task = DPOTask(encoded["train"], encoded["val"], reference["train"], reference["val"],
                    pad, config, max_length)
 
@@ -193,18 +176,11 @@ def run(args) -> int:
     responses = respond(model, tokenizer, template, splits["test"], args.max_new_tokens)
     for response, example in zip(responses, splits["test"], strict=True):
         response["chosen"], response["rejected"] = example["chosen"], example["rejected"]
-    with (out / ".test-responses.jsonl.tmp").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in responses)
-    (out / ".test-responses.jsonl.tmp").replace(out / "test-responses.jsonl")
+    write_jsonl(out / "test-responses.jsonl", responses)
 
     extra = {"finetune": asdict(config), "base": str(args.checkpoint), "dpo": True}
     if lora:
-        from tinygrad_llm.lora import export_peft, merge_lora, remove_lora, save_adapter
-
-        save_adapter(out / "adapter", model, base=str(args.checkpoint))
-        export_peft(out / "adapter-peft", model)
-        merge_lora(model)
-        remove_lora(model)
+        save_lora_run(out, model, base=str(args.checkpoint))
         extra["lora"] = lora
     save_instruct_model(out / "checkpoint", model, tokenizer, template.name, extra=extra)
     well_formed = sum(r["well_formed"] for r in responses) / max(len(responses), 1)

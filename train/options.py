@@ -133,3 +133,45 @@ def unescape(text: str) -> str:
             out.append(text[i])
             i += 1
     return "".join(out)
+
+
+# ------------------------------------------------------------------------------ LoRA
+def add_lora_arguments(parser: argparse.ArgumentParser, rank_help: str,
+                       dropout: bool = False) -> None:
+    """--lora-rank, --lora-alpha, --lora-targets (and --lora-dropout): the same in every
+    finetuning command."""
+    parser.add_argument("--lora-rank", type=nonnegative_int, default=0, help=rank_help)
+    parser.add_argument("--lora-alpha", type=positive_float, default=None,
+                        help="LoRA scale numerator: the update is (alpha / rank) x A B "
+                             "(default: 2 x rank)")
+    parser.add_argument("--lora-targets", default="c_attn,c_proj,c_fc",
+                        help="comma-separated layer names to adapt")
+    if dropout:
+        parser.add_argument("--lora-dropout", type=probability, default=0.0,
+                            help="dropout on the LoRA path while training")
+
+
+def apply_lora_args(model, args) -> dict | None:
+    """Wrap ``model``'s target layers as the --lora-* flags say (nothing when --lora-rank is
+    0); returns the settings, for the run's metrics and config."""
+    if not args.lora_rank:
+        return None
+    from tinygrad_llm.lora import apply_lora
+
+    alpha = args.lora_alpha or 2.0 * args.lora_rank
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    dropout = getattr(args, "lora_dropout", 0.0)
+    wrapped = apply_lora(model, rank=args.lora_rank, alpha=alpha, targets=targets,
+                         dropout=dropout)
+    return {"rank": args.lora_rank, "alpha": alpha, "targets": list(targets),
+            "dropout": dropout, "layers": len(wrapped)}
+
+
+def save_lora_run(out: Path, model, base: str) -> None:
+    """OUT/adapter (ours), OUT/adapter-peft (PEFT's layout), then fold the adapter into the
+    weights in place, so the model saves as a plain checkpoint."""
+    from tinygrad_llm.lora import export_peft, remove_lora, save_adapter
+
+    save_adapter(out / "adapter", model, base=base)
+    export_peft(out / "adapter-peft", model)
+    remove_lora(model)  # merges every update into its weight, then unwraps

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from ..loading import build_model, check_finite
 from ..nn import Linear, Module
 from ..tensor import Tensor, no_grad
 from ..tokenizer import tokenizer_from_config
-from ..trainer import TrainConfig, Trainer
+from ..trainer import EpochBatches, EpochConfig, EpochTask, Trainer
 
 SPAM_DATA = Path(__file__).resolve().parents[1] / "assets" / "sms_spam_collection.tsv"
 
@@ -166,13 +166,16 @@ def pad_batch(token_lists: list, pad_id: int = 0) -> tuple[np.ndarray, np.ndarra
     return batch, lengths
 
 
-def batches(encoded: list, batch_size: int, shuffle: bool = False, rng=None, pad_id: int = 0):
-    """Yield (ids (B, T), lengths (B,), labels (B,)) from encoded examples."""
-    order = rng.permutation(len(encoded)) if shuffle else np.arange(len(encoded))
-    for start in range(0, len(order), batch_size):
-        chunk = [encoded[i] for i in order[start:start + batch_size]]
-        ids, lengths = pad_batch([c[0] for c in chunk], pad_id)
-        yield ids, lengths, np.array([c[1] for c in chunk])
+def labeled_batch(chunk: list, pad_id: int = 0) -> tuple:
+    """(ids (B, T), lengths (B,), labels (B,)) of encoded (ids, label) examples."""
+    ids, lengths = pad_batch([c[0] for c in chunk], pad_id)
+    return ids, lengths, np.array([c[1] for c in chunk])
+
+
+def batches(encoded: list, batch_size: int, pad_id: int = 0):
+    """Yield (ids (B, T), lengths (B,), labels (B,)) from encoded examples, in order."""
+    for start in range(0, len(encoded), batch_size):
+        yield labeled_batch(encoded[start:start + batch_size], pad_id)
 
 
 # ==================================================================================== model
@@ -272,22 +275,19 @@ def classification_metrics(true: np.ndarray, predicted: np.ndarray, labels: list
 
 # =============================================================================== training
 @dataclass
-class ClassifierConfig(TrainConfig):
-    """Classification finetuning: the shared step and loop settings, by epochs."""
+class ClassifierConfig(EpochConfig):
+    """Classification finetuning: the shared step and loop settings, evaluated every epoch."""
 
     epochs: int = 10
     batch_size: int = 8
     learning_rate: float = 5e-4
     min_lr: float = 5e-5  # the end of the cosine decay
-    warmup_fraction: float = 0.05  # of all steps, linear warmup
     beta2: float = 0.999
     max_length: int | None = None  # tokens per text; default: longest training text, <= window
     trainable: str = "auto"
     pooling: str = "last"
     balance: bool = True
     seed: int = 123
-    keep_best: bool = True  # end with the best validation epoch's weights
-    checkpoint_every_evaluation: bool = False  # the command saves the kept weights at the end
 
 
 def evaluate(model, encoded: list, batch_size: int = 64) -> tuple[float, np.ndarray, np.ndarray]:
@@ -306,25 +306,18 @@ def evaluate(model, encoded: list, batch_size: int = 64) -> tuple[float, np.ndar
             np.concatenate(probabilities))
 
 
-class ClassificationTask:
+class ClassificationTask(EpochTask):
     """Labelled texts for the shared Trainer: shuffled batches epoch after epoch; evaluation of
     loss and accuracy on the training and validation sets; the best is the most accurate on
     validation (ties: the lower validation loss)."""
 
     def __init__(self, train: list, val: list, config: ClassifierConfig):
-        self.train, self.val, self.batch_size = train, val, config.batch_size
-        self.rng = np.random.default_rng(config.seed)
-        self.epoch = 0
-        self._batches = iter(())
+        self.train, self.val = train, val
+        self.batches = EpochBatches(len(train), config.batch_size, config.seed)
 
     def next_batch(self):
         """(ids (B, T), lengths (B,), labels (B,)); a new shuffled epoch when one runs out."""
-        batch = next(self._batches, None)
-        if batch is None:
-            self.epoch += 1
-            self._batches = batches(self.train, self.batch_size, shuffle=True, rng=self.rng)
-            batch = next(self._batches)
-        return batch
+        return labeled_batch([self.train[i] for i in self.batches.next()])
 
     def loss(self, model, batch):
         ids, lengths, labels = batch
@@ -342,29 +335,13 @@ class ClassificationTask:
     def score(self, record: dict) -> tuple:
         return (record["val_accuracy"], -record["val_loss"])
 
-    def after_evaluation(self, model) -> None:
-        return None
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch}
-
-    def load_state(self, state: dict) -> None:
-        raise ValueError("classification finetuning does not resume; run it again")
-
-    def save(self, directory, model, state, optimizer) -> None:
-        raise NotImplementedError("the finetune-classifier command saves the kept weights")
-
 
 def train_classifier(model: GPTClassifier, train: list, val: list, config: ClassifierConfig,
                      out_dir, show_progress: bool = False, log=print) -> Trainer:
     """Train with the shared Trainer for ``config.epochs`` epochs, evaluating after each; the
     model ends with the weights of the best validation epoch. Returns the Trainer (its
     ``history`` has one record per epoch, its ``best`` the kept one)."""
-    steps_per_epoch = -(-len(train) // config.batch_size)
-    config = replace(config, max_steps=steps_per_epoch * config.epochs,
-                     eval_interval=steps_per_epoch,
-                     warmup_steps=max(1, int(steps_per_epoch * config.epochs
-                                             * config.warmup_fraction)))
+    config = config.for_data(len(train))
     trainer = Trainer(model, ClassificationTask(train, val, config), config, out_dir,
                       show_progress=show_progress, log=log)
     model.train()

@@ -23,6 +23,7 @@ import numpy as np
 from .. import functional as F
 from ..nn import Linear
 from ..tensor import Tensor, no_grad
+from ..trainer import EpochBatches, EpochTask
 from .instruction import (
     IGNORE_INDEX,
     InstructConfig,
@@ -188,7 +189,7 @@ class DPOConfig(InstructConfig):
     keep_best: bool = False
 
 
-class DPOTask:
+class DPOTask(EpochTask):
     """Preference pairs with cached reference log-probabilities, for the shared Trainer."""
 
     def __init__(self, train: list, val: list, train_ref: np.ndarray, val_ref: np.ndarray,
@@ -198,18 +199,11 @@ class DPOTask:
         self.pad_id, self.max_length = pad_id, max_length
         sample = min(len(val), len(train))  # a fixed slice: comparable across evaluations
         self.train_sample, self.train_sample_ref = train[:sample], train_ref[:sample]
-        self.rng = np.random.default_rng(config.seed)
-        self.epoch, self._order = 0, iter(())
+        self.batches = EpochBatches(len(train), config.batch_size, config.seed)
         self._save = save
 
     def next_batch(self):
-        indices = next(self._order, None)
-        if indices is None:
-            self.epoch += 1
-            order = self.rng.permutation(len(self.train))
-            self._order = iter([order[i:i + self.config.batch_size]
-                                for i in range(0, len(order), self.config.batch_size)])
-            indices = next(self._order)
+        indices = self.batches.next()
         inputs, targets = collate_pairs([self.train[i] for i in indices], self.pad_id,
                                         self.max_length)
         return inputs, targets, self.train_ref[indices]
@@ -237,18 +231,3 @@ class DPOTask:
             record.update({f"{name}_{k}": v for k, v in self.measure(model, pairs, ref).items()})
         check_collapse(record, self.config.collapse_limit)
         return record
-
-    def score(self, record: dict) -> tuple:
-        return (-record["val_loss"],)
-
-    def after_evaluation(self, model) -> None:
-        return None
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch}
-
-    def load_state(self, state: dict) -> None:
-        raise ValueError("DPO finetuning does not resume; run it again")
-
-    def save(self, directory, model, state, optimizer) -> None:
-        self._save(directory, model, state, optimizer)

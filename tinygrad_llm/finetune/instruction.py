@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import write_jsonl
 from ..generate import cut_at_stop, generate
 from ..loading import save_model
-from ..trainer import TrainConfig
+from ..trainer import EpochBatches, EpochConfig, EpochTask
 
 INSTRUCTION_DATA = Path(__file__).resolve().parents[1] / "assets" / "instruction-data.json"
 IGNORE_INDEX = -100  # targets that the loss leaves out (F.cross_entropy's default)
@@ -117,10 +118,7 @@ def write_splits(directory, splits: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name, examples in splits.items():
-        tmp = directory / f".{name}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(e["record"]) + "\n" for e in examples),
-                       encoding="utf-8")
-        tmp.replace(directory / f"{name}.jsonl")
+        write_jsonl(directory / f"{name}.jsonl", [e["record"] for e in examples])
 
 
 # ============================================================================= templates
@@ -259,26 +257,23 @@ def collate(sequences, pad_id: int, ignore_index: int = IGNORE_INDEX, max_length
 
 # ================================================================================ training
 @dataclass
-class InstructConfig(TrainConfig):
+class InstructConfig(EpochConfig):
     """Instruction finetuning: the shared step and loop settings, by epochs."""
 
     epochs: int = 5
     batch_size: int = 8
     learning_rate: float = 5e-4
     min_lr: float = 5e-5
-    warmup_fraction: float = 0.05
     weight_decay: float = 0.1
     beta2: float = 0.999
     template: str = "alpaca"
     mask_prompt: bool = False  # loss on the response tokens only
     max_length: int | None = None  # default: the model's context length
-    eval_every_epochs: float = 0.5  # evaluations per epoch: every half epoch
+    eval_every_epochs: float = 0.5  # evaluate every half epoch
     seed: int = 123
-    keep_best: bool = True  # end with the weights of the best validation loss
-    checkpoint_every_evaluation: bool = False
 
 
-class InstructionTask:
+class InstructionTask(EpochTask):
     """Encoded examples for the shared Trainer: shuffled batches epoch after epoch through
     ``collate``; the mean token loss on the validation split (and on as many training
     examples) at each evaluation."""
@@ -288,8 +283,7 @@ class InstructionTask:
         self.train, self.val, self.config = train, val, config
         self.pad_id, self.max_length = tokenizer.eot_token, max_length
         self.train_sample = train[:len(val)]  # a fixed slice: comparable across evaluations
-        self.rng = np.random.default_rng(config.seed)
-        self.epoch, self._order = 0, iter(())
+        self.batches = EpochBatches(len(train), config.batch_size, config.seed)
         self._save = save
 
     def batch(self, examples: list):
@@ -301,14 +295,7 @@ class InstructionTask:
                            prompt_lengths=prompts)
 
     def next_batch(self):
-        indices = next(self._order, None)
-        if indices is None:
-            self.epoch += 1
-            order = self.rng.permutation(len(self.train))
-            self._order = iter([order[i:i + self.config.batch_size]
-                                for i in range(0, len(order), self.config.batch_size)])
-            indices = next(self._order)
-        return self.batch([self.train[i] for i in indices])
+        return self.batch([self.train[i] for i in self.batches.next()])
 
     def loss(self, model, batch):
         inputs, targets = batch
@@ -328,21 +315,6 @@ class InstructionTask:
     def evaluate(self, model) -> dict:
         return {"epoch": self.epoch, "train_loss": self.mean_loss(model, self.train_sample),
                 "val_loss": self.mean_loss(model, self.val)}
-
-    def score(self, record: dict) -> tuple:
-        return (-record["val_loss"],)
-
-    def after_evaluation(self, model) -> None:
-        return None
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch}
-
-    def load_state(self, state: dict) -> None:
-        raise ValueError("instruction finetuning does not resume; run it again")
-
-    def save(self, directory, model, state, optimizer) -> None:
-        self._save(directory, model, state, optimizer)
 
 
 def respond(model, tokenizer, template: Template, examples: list, max_new_tokens: int,
