@@ -132,6 +132,27 @@ def write_jsonl(path, records) -> None:
     os.replace(tmp, path)
 
 
+def read_jsonl(path) -> list[tuple]:
+    """(record, "FILE, line N") for every non-blank line of a JSONL file; a line that is not
+    JSON is an error naming it (what each record must hold is the caller's to check)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((json.loads(line), f"{path}, line {number}"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+    return records
+
+
 def read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -13,13 +13,14 @@ exponential backoff. The ``openai`` client is optional: ``pip install 'tinygrad_
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
+
+from ..checkpoint import read_jsonl
 
 INSTALL_HINT = "the judge needs the openai client: pip install 'tinygrad_llm[eval]'"
 
@@ -51,20 +52,7 @@ def load_responses(path) -> list[dict]:
     finetune-instruct writes them to test-responses.jsonl."""
     path = Path(path)
     records = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ValueError(f"{path} does not exist") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+    for record, where in read_jsonl(path):
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object")
         for key in ("instruction", "output", "model_response"):

@@ -14,7 +14,6 @@ docs/evaluation.md shows it and explains why the letters carry a leading space.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import backend
+from ..checkpoint import read_jsonl
 from ..tensor import no_grad
 from .perplexity import token_logprobs
 
@@ -90,30 +90,22 @@ def read_csv(path: Path) -> list[Question]:
     return questions
 
 
-def read_jsonl(path: Path) -> list[Question]:
+def read_questions_jsonl(path: Path) -> list[Question]:
     """Records with question, choices (a list) and answer (a letter or a 0-based index)."""
     questions = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("question"), str):
-                raise ValueError(f"{where}: expected an object with a 'question' string")
-            choices = record.get("choices")
-            if (not isinstance(choices, list) or len(choices) < 2
-                    or not all(isinstance(c, str) for c in choices)):
-                raise ValueError(f"{where}: 'choices' should be a list of two or more strings")
-            if len(choices) > len(LETTERS):
-                raise ValueError(f"{where}: {len(choices)} choices; at most 26 are supported")
-            answer = _answer_index(record.get("answer"), len(choices), where)
-            subject = record.get("subject") or subject_of(path)
-            questions.append(Question(str(subject), len(questions), record["question"],
-                                      choices, answer, str(path)))
+    for record, where in read_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str):
+            raise ValueError(f"{where}: expected an object with a 'question' string")
+        choices = record.get("choices")
+        if (not isinstance(choices, list) or len(choices) < 2
+                or not all(isinstance(c, str) for c in choices)):
+            raise ValueError(f"{where}: 'choices' should be a list of two or more strings")
+        if len(choices) > len(LETTERS):
+            raise ValueError(f"{where}: {len(choices)} choices; at most 26 are supported")
+        answer = _answer_index(record.get("answer"), len(choices), where)
+        subject = record.get("subject") or subject_of(path)
+        questions.append(Question(str(subject), len(questions), record["question"],
+                                  choices, answer, str(path)))
     return questions
 
 
@@ -130,7 +122,7 @@ def load_questions(path) -> list[Question]:
         raise ValueError(f"{path} does not exist")
     questions = []
     for file in files:
-        questions += read_jsonl(file) if file.suffix == ".jsonl" else read_csv(file)
+        questions += read_questions_jsonl(file) if file.suffix == ".jsonl" else read_csv(file)
     return questions
 
 

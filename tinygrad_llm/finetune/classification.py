@@ -13,7 +13,6 @@ prediction (tested).
 from __future__ import annotations
 
 import csv
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 
 from .. import backend
 from .. import functional as F
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, read_jsonl, save_checkpoint
 from ..loading import build_model, check_finite
 from ..nn import Linear, Module
 from ..tensor import Tensor, no_grad
@@ -59,20 +58,11 @@ def read_labeled(path, text_column="text", label_column="label") -> list[tuple[s
 
 def _read_jsonl(path: Path, text_key: str, label_key: str) -> list[tuple[str, str]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg})") \
-                    from None
-            if not isinstance(record, dict) or text_key not in record or label_key not in record:
-                raise ValueError(f"{path}, line {line_number}: expected an object with keys "
-                                 f"{text_key!r} and {label_key!r}")
-            rows.append(_checked(str(record[text_key]), str(record[label_key]), path,
-                                 line_number))
+    for record, where in read_jsonl(path):
+        if not isinstance(record, dict) or text_key not in record or label_key not in record:
+            raise ValueError(f"{where}: expected an object with keys {text_key!r} and "
+                             f"{label_key!r}")
+        rows.append(_checked(str(record[text_key]), str(record[label_key]), where))
     return rows
 
 
@@ -101,13 +91,14 @@ def _read_delimited(path: Path, delimiter: str, text_col, label_col) -> list[tup
             if len(record) != width or max(text_col, label_col) >= len(record):
                 raise ValueError(f"{path}, line {line_number}: expected {width} fields, found "
                                  f"{len(record)}")
-            rows.append(_checked(record[text_col], record[label_col], path, line_number))
+            where = f"{path}, line {line_number}"
+            rows.append(_checked(record[text_col], record[label_col], where))
     return rows
 
 
-def _checked(text: str, label: str, path, line_number: int) -> tuple[str, str]:
+def _checked(text: str, label: str, where: str) -> tuple[str, str]:
     if not text.strip() or not label.strip():
-        raise ValueError(f"{path}, line {line_number}: empty text or label")
+        raise ValueError(f"{where}: empty text or label")
     return text, label.strip()
 
 

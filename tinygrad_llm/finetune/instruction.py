@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import write_jsonl
+from ..checkpoint import read_jsonl, write_jsonl
 from ..generate import cut_at_stop, generate
 from ..loading import save_model
 from ..trainer import EpochBatches, EpochConfig, EpochTask
@@ -76,15 +76,7 @@ def read_records(path) -> list[dict]:
         raise FileNotFoundError(f"data file {path} not found")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((json.loads(line), f"{path}, line {number}"))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-        return records
+        return read_jsonl(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
