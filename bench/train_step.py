@@ -41,6 +41,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tf32", action="store_true",
+                        help="GPU: float32 matrix products on TF32 tensor cores, in both engines")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     return parser.parse_args(argv)
 
@@ -90,6 +92,7 @@ def bench_torch(args, data) -> float:
 
     torch.manual_seed(0)
     device = "cuda" if backend.normalize_device(args.device) == "cuda" else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # PyTorch's default is off
 
     class Block(nn.Module):
         def __init__(self, c, h):
@@ -156,13 +159,14 @@ def blas_kernel() -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     tuned = backend.tune_cpu_allocator()  # reuse freed buffers warm, as `tinygrad-llm` does
+    backend.set_tf32(args.tf32)
     data = batches(args, args.warmup + args.steps)
     tokens = args.batch_size * args.context_length
     params = (12 * args.n_layer * args.n_embd ** 2
               + (args.vocab_size + args.context_length) * args.n_embd)
     print(f"model: {args.n_layer} layers x {args.n_embd} wide, {args.n_head} heads, context "
           f"{args.context_length}, batch {args.batch_size}, vocab {args.vocab_size} "
-          f"(~{params / 1e6:.2f}M params), device {args.device}")
+          f"(~{params / 1e6:.2f}M params), device {args.device}{', TF32' * args.tf32}")
     print(f"numpy {np.__version__}, BLAS: {blas_kernel()}, CPU allocator tuned: {tuned}")
     ours = tokens / bench_ours(args, data)
     print(f"tokens_per_s={ours:.1f}")

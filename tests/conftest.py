@@ -1,5 +1,7 @@
 """Shared test set-up: hypothesis profiles and the devices every op is tested on.
 
+With ``TINYGRAD_LLM_FAKE_CUDA=1`` the ``cuda`` device is the CuPy stand-in of fakecupy.py.
+
 Profiles: ``ci`` (default, bounded), ``quick`` and ``thorough`` (many more examples), chosen with
 ``TINYGRAD_LLM_PROFILE=thorough python -m pytest``.
 """
@@ -9,7 +11,15 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tinygrad_llm.backend import cuda_available
+if os.environ.get("TINYGRAD_LLM_FAKE_CUDA") == "1":
+    # a strict CuPy stand-in (tests/fakecupy.py) as ``cupy``: the cuda half of every
+    # device-parametrised test runs on the CPU, with CuPy's rules (no silent NumPy conversion,
+    # no NumPy operands, no index wrapping) and a count of host syncs
+    import fakecupy
+
+    fakecupy.install()
+
+from tinygrad_llm.backend import cuda_available  # noqa: E402  (after the stand-in, if any)
 
 settings.register_profile(
     "ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow],

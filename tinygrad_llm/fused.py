@@ -87,6 +87,14 @@ def _host_array(x):
 
 
 # ====================================================================== cross-entropy
+def mean_of_counted(total, valid):
+    """total / (number of True in ``valid``), NaN when none counts -- all on the arrays' device
+    (deciding ``if count == 0`` on the host would make a GPU wait)."""
+    xp = get_xp(valid)
+    count = valid.sum()
+    return xp.where(count > 0, total / xp.maximum(count, 1), xp.nan)
+
+
 class CrossEntropy(Function):
     """Mean negative log-likelihood of integer targets under softmax(logits)."""
 
@@ -96,7 +104,8 @@ class CrossEntropy(Function):
         logits = logits.reshape(-1, logits.shape[-1])  # (B, T, C) -> (N, C)
         targets = targets.reshape(-1)  # (B, T) -> (N,)
         self.valid = targets != ignore_index
-        self.count = int(self.valid.sum())
+        # how many positions count, kept as a 0-d array: int() would make a GPU wait here
+        self.count = xp.maximum(self.valid.sum(), 1).astype(logits.dtype)
         self.rows = xp.arange(targets.shape[0])
         self.safe_targets = xp.where(self.valid, targets, 0)  # ignored rows read class 0
         # loss_i = logsumexp(x_i) - x_i[t_i], with the max shifted out for stability
@@ -108,9 +117,7 @@ class CrossEntropy(Function):
         total = total[:, 0]
         self.probs = probs
         losses = xp.log(total) - target_logit
-        if self.count == 0:
-            return xp.asarray(xp.nan, dtype=logits.dtype)
-        return (losses * self.valid).sum() / self.count
+        return mean_of_counted((losses * self.valid).sum(), self.valid).astype(logits.dtype)
 
     def backward(self, g):
         # d loss / d logits_i = (softmax(x_i) - onehot(t_i)) / count on counted rows, 0 elsewhere
@@ -161,13 +168,13 @@ class LinearCrossEntropy(Function):
         self.x_shape, self.has_bias = x.shape, bias is not None
         x2, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)  # (N, C), (N,)
         valid = targets != ignore_index
-        count = int(valid.sum())
+        count = xp.maximum(valid.sum(), 1).astype(x.dtype)  # 0-d, on the device: no wait
         need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
         need_b = self.has_bias and self.needs_input_grad[2]
         self.gx = xp.empty_like(x2) if need_x else None
         self.gw = xp.zeros_like(weight) if need_w else None
         self.gb = xp.zeros_like(bias) if need_b else None
-        total = 0.0
+        total = xp.zeros((), xp.float64)  # summed on the device, chunk by chunk
         for start in range(0, len(x2), chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = x2[rows] @ weight  # (n, C) @ (C, V) -> (n, V)
@@ -180,10 +187,10 @@ class LinearCrossEntropy(Function):
             target_logit = logits[index, picked]
             probs = xp.exp(logits, out=logits)
             sums = sum_last(probs)  # (n, 1)
-            total += float(((xp.log(sums[:, 0]) - target_logit) * counted).sum())
+            total += ((xp.log(sums[:, 0]) - target_logit) * counted).sum()
             if need_x or need_w or need_b:
                 # d loss / d logits = (softmax - onehot) / count on counted rows, 0 elsewhere
-                weight_of_row = (counted / builtins.max(count, 1)).astype(probs.dtype)[:, None]
+                weight_of_row = (counted / count).astype(probs.dtype)[:, None]
                 probs *= weight_of_row / sums
                 probs[index, picked] -= weight_of_row[:, 0]
                 if need_x:
@@ -192,9 +199,7 @@ class LinearCrossEntropy(Function):
                     self.gw += x2[rows].T @ probs  # (C, n) @ (n, V)
                 if need_b:
                     self.gb += sum_leading(probs)
-        if count == 0:
-            return xp.asarray(xp.nan, dtype=x.dtype)
-        return xp.asarray(total / count, dtype=x.dtype)
+        return mean_of_counted(total, valid).astype(x.dtype)
 
     def backward(self, g):
         # every gradient was computed for d loss = 1; the chain rule scales it by g

@@ -24,37 +24,40 @@ from .tensor import no_grad
 
 
 # ------------------------------------------------------------------------------ sampling
-def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
-    """Pick one id per row of ``logits`` (B, V).
+def sample_next(logits, rng, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None):
+    """Pick one id per row of ``logits`` (B, V), on the device the logits live on.
 
     temperature 0 is greedy (argmax); below 1 sharpens the distribution, above 1 flattens it.
     top_k keeps the k most likely tokens; top_p keeps the smallest set of most likely tokens
     whose probabilities add up to at least p (nucleus sampling). Then one id is drawn from what
-    is left, renormalised.
+    is left, renormalised. ``rng`` is a random Generator of the logits' array module (NumPy's
+    or CuPy's); nothing here reads the GPU from the host.
     """
     if temperature == 0:
         return logits.argmax(axis=-1)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    logits = logits.astype(np.float64) / temperature
+    xp = backend.get_array_module(logits)
+    logits = logits.astype(xp.float64) / temperature
     vocab = logits.shape[-1]
     if top_k is not None and 0 < top_k < vocab:
-        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]  # k-th largest per row
-        logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        kth = xp.partition(logits, -top_k, axis=-1)[:, -top_k, None]  # k-th largest per row
+        logits = xp.where(logits < kth, -xp.inf, logits)
+    probs = xp.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
+    order = None  # probs are in vocabulary order, or (with top_p) most likely first
     if top_p is not None and top_p < 1.0:
-        order = np.argsort(-probs, axis=-1)  # most likely first
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
-        before = np.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of the more likely ones
-        sorted_probs[before >= top_p] = 0  # drop a token once the ones above it reach p
-        probs = np.zeros_like(probs)
-        np.put_along_axis(probs, order, sorted_probs, axis=-1)
-        probs /= probs.sum(axis=-1, keepdims=True)
+        order = xp.argsort(-probs, axis=-1)  # (B, V) ids, most likely first
+        probs = xp.take_along_axis(probs, order, axis=-1)
+        before = xp.cumsum(probs, axis=-1) - probs  # mass of the more likely ones
+        probs = xp.where(before >= top_p, 0.0, probs)  # drop a token once those above reach p
     cumulative = probs.cumsum(axis=-1)  # inverse-CDF sampling: one uniform number per row
-    u = rng.random((probs.shape[0], 1)) * cumulative[:, -1:]
-    return np.minimum((cumulative <= u).sum(axis=-1), vocab - 1)
+    u = rng.random((probs.shape[0], 1)) * cumulative[:, -1:]  # scaled: what is left sums to 1
+    picked = xp.minimum((cumulative <= u).sum(axis=-1), vocab - 1)  # (B,) positions
+    if order is None:
+        return picked
+    return xp.take_along_axis(order, picked[:, None], axis=-1)[:, 0]  # back to token ids
 
 
 # ------------------------------------------------------------------------ decoding loop
@@ -93,7 +96,8 @@ def generate_tokens(model, prompts, max_new_tokens: int, temperature: float = 1.
     Stops after ``max_new_tokens`` steps or when every sequence is finished.
     """
     ids, mask = _left_pad(prompts)
-    rng = np.random.default_rng(seed)
+    xp = backend.array_module(model.device)
+    rng = xp.random.default_rng(seed)  # samples are drawn where the logits are
     window = model.config.context_length
     finished = np.zeros(len(ids), dtype=bool)
     caches = None
@@ -112,8 +116,8 @@ def generate_tokens(model, prompts, max_new_tokens: int, temperature: float = 1.
                     crop_ids, crop_mask = ids[:, -window:], mask[:, -window:]
                     logits = model(crop_ids, caches, _positions(crop_mask), crop_mask,
                                    last_only=True)
-                last = backend.to_numpy(logits.data[:, -1, :])  # (B, V)
-                next_ids = sample_next(last, rng, temperature, top_k, top_p)
+                next_ids = sample_next(logits.data[:, -1, :], rng, temperature, top_k, top_p)
+                next_ids = backend.to_numpy(next_ids)  # (B,): the one read per token
                 if eos_token is not None:
                     next_ids = np.where(finished, eos_token, next_ids)
                     finished |= next_ids == eos_token

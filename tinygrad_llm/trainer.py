@@ -182,9 +182,9 @@ class Trainer:
             batch = self.task.next_batch()
             loss = self.task.loss(self.model, batch)
             (loss * (1.0 / c.grad_accum_steps)).backward()  # gradients of micro-batches add up
-            total += loss.item()
+            total = total + loss.data  # a 0-d array where the loss lives: no wait on a GPU
             tokens += batch[0].size
-        mean_loss = total / c.grad_accum_steps
+        mean_loss = float(total) / c.grad_accum_steps  # the step's one read from the device
         if not math.isfinite(mean_loss):
             self.optimizer.zero_grad()
             raise NonFiniteLossError(

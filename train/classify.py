@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from tinygrad_llm.finetune.classification import load_classifier, predict
+from tinygrad_llm.train.options import add_device_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", nargs="*",
                         help="text to classify (default: each line of stdin; a blank line "
                              "gets an empty output line, so output lines match input lines)")
-    parser.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda (CuPy)")
+    add_device_arguments(parser)
 
 
 def run(args) -> int:

@@ -61,6 +61,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def execute(run, args) -> int:
     """Run a command; turn user errors into one line on stderr and an exit code."""
     debug = getattr(args, "debug", False) or os.environ.get("TINYGRAD_LLM_DEBUG") == "1"
+    if getattr(args, "tf32", False):
+        backend.set_tf32(True)
     try:
         return run(args)
     except KeyboardInterrupt:

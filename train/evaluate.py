@@ -28,6 +28,7 @@ from tinygrad_llm.checkpoint import write_json, write_jsonl
 from tinygrad_llm.train.options import (
     HelpFormatter,
     UserError,
+    add_device_arguments,
     check_out_folder,
     nonnegative_int,
     positive_float,
@@ -56,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "GPT-2 folder")
         p.add_argument("--batch-size", type=positive_int, default=4 if name == "perplexity"
                        else 8, help="windows (perplexity) or sequences (mc) per forward pass")
-        p.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda (CuPy)")
+        add_device_arguments(p)
     p = sub["perplexity"]
     p.add_argument("--data", required=True,
                    help="a UTF-8 text file, or a folder whose .txt files are scored one by one")

@@ -37,6 +37,7 @@ from tinygrad_llm.loading import load_model
 from tinygrad_llm.plotting import INSTALL_HINT, plot_metrics
 from tinygrad_llm.train.options import (
     UserError,
+    add_device_arguments,
     add_lora_arguments,
     apply_lora_args,
     check_out_folder,
@@ -89,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds the split, the head's initialisation and the shuffling")
     add_lora_arguments(parser, "train LoRA adapters of this rank on the body (and the new "
                                "head) instead of --trainable (0: no LoRA)")
-    parser.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda (CuPy)")
+    add_device_arguments(parser)
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
 
 

@@ -43,6 +43,7 @@ from tinygrad_llm.finetune.instruction import (
 from tinygrad_llm.loading import load_model
 from tinygrad_llm.train.options import (
     UserError,
+    add_device_arguments,
     add_lora_arguments,
     apply_lora_args,
     check_out_folder,
@@ -92,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the longest test response generated")
     parser.add_argument("--seed", type=nonnegative_int, default=DEFAULTS.seed,
                         help="seeds the split, the shuffling and the LoRA initialisation")
-    parser.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda (CuPy)")
+    add_device_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -175,3 +175,11 @@ def save_lora_run(out: Path, model, base: str) -> None:
     save_adapter(out / "adapter", model, base=base)
     export_peft(out / "adapter-peft", model)
     remove_lora(model)  # merges every update into its weight, then unwraps
+
+
+def add_device_arguments(parser) -> None:
+    """--device and --tf32, the same in every command that runs a model."""
+    parser.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda (CuPy)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="on a GPU, let float32 matrix products use TF32 tensor cores "
+                             "(several times faster, about 1e-3 relative error per product)")

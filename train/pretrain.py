@@ -7,8 +7,8 @@
                                                            # continued pretraining on new text
 
 --resume restores everything from the run folder: the corpus, tokenizer, model, every training
-setting, the optimizer and the data position. Only --steps (to train longer), --device and
---quiet may change; any other flag that contradicts the saved run is an error.
+setting, the optimizer and the data position. Only --steps (to train longer), --device, --tf32
+and --quiet may change; any other flag that contradicts the saved run is an error.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tinygrad_llm.plotting import INSTALL_HINT
 from tinygrad_llm.tokenizer import get_tokenizer, tokenizer_from_config
 from tinygrad_llm.train.options import (
     UserError,
+    add_device_arguments,
     check_out_folder,
     nonnegative_float,
     nonnegative_int,
@@ -94,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="length of those samples (0: none)")
     train.add_argument("--seed", type=nonnegative_int, default=DEFAULTS.seed,
                        help="seeds initialisation, batches and dropout")
-    train.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda (CuPy)")
+    add_device_arguments(train)
     run = parser.add_argument_group("run")
     run.add_argument("--out", default="runs/pretrain",
                      help="run folder: metrics.jsonl, loss.png, checkpoint/, data/")

@@ -15,6 +15,7 @@ from tinygrad_llm.generate import generate_text, stream_text
 from tinygrad_llm.loading import load_model
 from tinygrad_llm.train.options import (
     UserError,
+    add_device_arguments,
     nonnegative_float,
     nonnegative_int,
     positive_int,
@@ -37,7 +38,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="makes sampling reproducible")
     parser.add_argument("--no-cache", action="store_true",
                         help="recompute the whole sequence each step instead of a KV cache")
-    parser.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda (CuPy)")
+    add_device_arguments(parser)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

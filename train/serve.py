@@ -19,7 +19,7 @@ import socket
 import sys
 from pathlib import Path
 
-from tinygrad_llm.train.options import UserError, non_empty, positive_int
+from tinygrad_llm.train.options import UserError, add_device_arguments, non_empty, positive_int
 
 
 def port_number(text: str) -> int:
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model's name in the API (default: the checkpoint folder's name)")
     parser.add_argument("--api-key", type=non_empty, default=None,
                         help="require 'Authorization: Bearer KEY' on every /v1 request")
-    parser.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda (CuPy)")
+    add_device_arguments(parser)
     parser.add_argument("--max-batch", type=positive_int, default=8,
                         help="sequences decoded together in one forward pass (KV cache slots)")
     parser.add_argument("--queue-size", type=positive_int, default=64,
