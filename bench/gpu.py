@@ -1,14 +1,15 @@
 """One short check of the CUDA path on a machine with an NVIDIA GPU, CuPy and (optionally)
 PyTorch; prints a table last.
 
-    PYTHONPATH=. python bench/gpu.py            # about 6 minutes on an H100
+    PYTHONPATH=. python bench/gpu.py            # about 7 minutes on an H100
 
 1. every test on device="cuda" (a small hypothesis profile);
 2. the toolkit on cuda: a short pretraining run with dropout, interrupted and resumed (the losses
    must equal the uninterrupted run's), generation with the KV cache, the errors for token ids
    out of range, and NumPy operands given to ops on the GPU;
 3. bench/train_step.py on GPT-2 124M (batch 8, context 1024), next to PyTorch eager with SDPA,
-   at float32 and with TF32 matrix products (both engines);
+   at float32, with TF32 matrix products (both engines), and mixed precision (ours float16
+   with loss scaling, PyTorch bfloat16 autocast);
 4. bench/generate.py (tokens/s with and without the KV cache).
 """
 
@@ -157,7 +158,8 @@ def main() -> int:
                time.perf_counter() - start)
     gpt2 = ["--n-layer", "12", "--n-head", "12", "--n-embd", "768", "--context-length", "1024",
             "--batch-size", "8", "--vocab-size", "50257", "--steps", "8", "--warmup", "3"]
-    for label, flags in (("float32", []), ("TF32", ["--tf32"])):
+    for label, flags in (("float32", []), ("TF32", ["--tf32"]),
+                         ("float16 mixed vs PyTorch bf16 autocast", ["--dtype", "float16"])):
         run(f"train step GPT-2 124M, B=8, T=1024 ({label})",
             [sys.executable, "bench/train_step.py", "--device", "cuda", *gpt2, *flags],
             timeout=150,

@@ -21,8 +21,9 @@ import time
 import numpy as np
 
 from tinygrad_llm import backend
+from tinygrad_llm import functional as F
 from tinygrad_llm.models.gpt import GPT, GPTConfig
-from tinygrad_llm.optim import AdamW, clip_grad_norm
+from tinygrad_llm.optim import AdamW, LossScaler, clip_grad_norm
 
 
 def parse_args(argv=None):
@@ -41,6 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="float16: ours mixed precision (float16 products, float32 weights, "
+                             "loss scaling), PyTorch bfloat16 autocast")
     parser.add_argument("--tf32", action="store_true",
                         help="GPU: float32 matrix products on TF32 tensor cores, in both engines")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
@@ -72,10 +76,15 @@ def bench_ours(args, data) -> float:
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).to(args.device)
     optimizer = AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)
+    mixed = args.dtype == "float16"
+    scaler = LossScaler() if mixed else None
 
     def step(x, y):
-        loss = model.loss(x, y)  # = F.cross_entropy(model(x), y), LM head and loss fused
-        loss.backward()
+        with F.autocast(np.float16 if mixed else None):
+            loss = model.loss(x, y)  # = F.cross_entropy(model(x), y), LM head and loss fused
+        (loss * scaler.scale if mixed else loss).backward()
+        if mixed:  # as the trainer does, minus the overflow check's skip
+            scaler.unscale(optimizer.params)
         clip_grad_norm(optimizer.params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
@@ -133,9 +142,12 @@ def bench_torch(args, data) -> float:
     torch_data = [(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
                   for x, y in data]
 
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "float16")
+
     def step(x, y):
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+        with autocast:
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -166,7 +178,8 @@ def main(argv=None) -> None:
               + (args.vocab_size + args.context_length) * args.n_embd)
     print(f"model: {args.n_layer} layers x {args.n_embd} wide, {args.n_head} heads, context "
           f"{args.context_length}, batch {args.batch_size}, vocab {args.vocab_size} "
-          f"(~{params / 1e6:.2f}M params), device {args.device}{', TF32' * args.tf32}")
+          f"(~{params / 1e6:.2f}M params), device {args.device}, {args.dtype}"
+          f"{' (PyTorch: bfloat16 autocast)' * (args.dtype == 'float16')}{', TF32' * args.tf32}")
     print(f"numpy {np.__version__}, BLAS: {blas_kernel()}, CPU allocator tuned: {tuned}")
     ours = tokens / bench_ours(args, data)
     print(f"tokens_per_s={ours:.1f}")

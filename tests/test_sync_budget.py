@@ -25,7 +25,7 @@ if FAKE:
     import fakecupy as fake
 
 # the budgets: what the code promises (docs/gpu.md)
-TRAIN_STEP_SYNCS = 1  # the step's mean loss, read once (for the log and the finite check)
+TRAIN_STEP_SYNCS = 1  # the step's loss and gradient norm, read together (log, checks, clipping)
 DECODE_STEP_SYNCS = 1  # the sampled ids (B,), read once per new token
 
 TEXT = "to be or not to be, that is the question. " * 40
@@ -33,11 +33,11 @@ TOKENIZER = CharTokenizer.from_text(TEXT)
 TOKENS = np.array(TOKENIZER.encode(TEXT), dtype=np.uint16)
 
 
-def trainer(tmp_path, grad_accum_steps=1, lora=False, **model):
+def trainer(tmp_path, grad_accum_steps=1, lora=False, dtype="float32", **model):
     backend.manual_seed(0)
     config = PretrainConfig(max_steps=10, batch_size=4, grad_accum_steps=grad_accum_steps,
                             learning_rate=3e-3, warmup_steps=2, eval_interval=100,
-                            eval_batches=1, sample_tokens=0, seed=0, grad_clip=1.0)
+                            eval_batches=1, sample_tokens=0, seed=0, grad_clip=1.0, dtype=dtype)
     settings = {"vocab_size": TOKENIZER.vocab_size, "context_length": 16, "n_layer": 2,
                 "n_head": 2, "n_embd": 16, "dropout": 0.1, **model}
     gpt = GPT(GPTConfig(**settings)).to("cuda")
@@ -47,12 +47,14 @@ def trainer(tmp_path, grad_accum_steps=1, lora=False, **model):
     return Trainer(gpt, task, config, tmp_path, show_progress=False, log=lambda line: None)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("grad_accum_steps", [1, 3])
 @pytest.mark.parametrize("model", [{}, {"tie_weights": False}], ids=["tied", "untied"])
-def test_a_training_step_reads_the_device_once(tmp_path, grad_accum_steps, model):
+def test_a_training_step_reads_the_device_once(tmp_path, grad_accum_steps, model, dtype):
     # forward, fused head and loss, backward (embedding rows added without a host read),
-    # global-norm clipping (its factor stays on the device), AdamW, dropout masks
-    run = trainer(tmp_path, grad_accum_steps, **model)
+    # global-norm clipping, AdamW, dropout masks; float16: loss scaling and the overflow check
+    # (the gradients' norm comes back with the loss, in the same read)
+    run = trainer(tmp_path, grad_accum_steps, dtype=dtype, **model)
     run.train_step()  # the first step allocates the optimizer's state
     with fake.count_syncs() as syncs:
         for _ in range(3):

@@ -17,6 +17,7 @@ Notation in comments: ``g`` is the gradient of the loss with respect to the op's
 from __future__ import annotations
 
 import builtins
+import contextlib
 import math
 
 import numpy as np
@@ -312,9 +313,18 @@ class MatMul(Function):
 
 
 class Linear(Function):
-    """y = x @ W + b with x (..., in), W (in, out), b (out,) -- GPT-2's layout."""
+    """y = x @ W + b with x (..., in), W (in, out), b (out,) -- GPT-2's layout.
 
-    def forward(self, x, weight, bias=None):
+    With ``compute_dtype`` (mixed precision, see ``autocast``) the product runs in that dtype:
+    x, W and b are cast to it, y comes out in it, and the gradients go back in the dtypes of x,
+    W and b (float32 master weights get float32 gradients).
+    """
+
+    def forward(self, x, weight, bias=None, *, compute_dtype=None):
+        self.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if compute_dtype is not None:
+            x, weight = x.astype(compute_dtype), weight.astype(compute_dtype)
+            bias = None if bias is None else bias.astype(compute_dtype)
         self.x, self.weight, self.has_bias = x, weight, bias is not None
         # all leading positions as the rows of one matrix: one large GEMM instead of a batch of
         # small ones (NumPy loops over the batch of a 3-D @ 2-D product)
@@ -326,13 +336,41 @@ class Linear(Function):
     def backward(self, g):
         # dx = g W^T;  dW = x^T g and db = sum(g), both over all leading positions
         x, weight = self.x, self.weight
-        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        gx = (g2 @ weight.T).reshape(x.shape) if self.needs_input_grad[0] else None
-        gw = x.reshape(-1, x.shape[-1]).T @ g2 if self.needs_input_grad[1] else None
+        g2 = g.reshape(-1, g.shape[-1]).astype(weight.dtype, copy=False)  # (N, out)
+        x_dtype, w_dtype, b_dtype = self.dtypes
+        gx = gw = gb = None
+        if self.needs_input_grad[0]:
+            gx = (g2 @ weight.T).reshape(x.shape).astype(x_dtype, copy=False)
+        if self.needs_input_grad[1]:
+            gw = (x.reshape(-1, x.shape[-1]).T @ g2).astype(w_dtype, copy=False)
         if not self.has_bias:
             return gx, gw
-        gb = g2.sum(axis=0) if self.needs_input_grad[2] else None
+        if self.needs_input_grad[2]:
+            gb = g2.sum(axis=0, dtype=b_dtype)  # summed in the bias's own (float32) dtype
         return gx, gw, gb
+
+
+class _Autocast:
+    """The dtype ``linear`` multiplies in inside ``autocast`` (None: the inputs' own)."""
+
+    dtype = None
+
+
+@contextlib.contextmanager
+def autocast(dtype):
+    """Mixed precision: inside, every ``linear`` of float32 inputs multiplies in ``dtype``
+    (float16), as PyTorch's autocast does. The weights stay float32 (the master copy the
+    optimizer updates); each product casts them on the way in, and its gradients go back in
+    float32. What is not a matrix product (layer norm, softmax, the loss) runs in the dtype of its
+    inputs. Use it with loss scaling (``optim.LossScaler``): float16 gradients smaller than 6e-8
+    would round to zero. ``autocast(None)`` switches it off inside an outer one.
+    """
+    previous = _Autocast.dtype
+    _Autocast.dtype = None if dtype is None else np.dtype(dtype)
+    try:
+        yield
+    finally:
+        _Autocast.dtype = previous
 
 
 def matmul(a, b) -> Tensor:
@@ -341,9 +379,11 @@ def matmul(a, b) -> Tensor:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight + bias; x (..., in), weight (in, out), bias (out,) -> (..., out)."""
-    if bias is None:
-        return Linear.apply(x, weight)
-    return Linear.apply(x, weight, bias)
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    cast = _Autocast.dtype
+    if cast is not None and weight.dtype == np.float32:
+        return Linear.apply(*inputs, compute_dtype=cast)
+    return Linear.apply(*inputs)
 
 
 # ====================================================================== reductions

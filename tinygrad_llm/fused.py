@@ -371,6 +371,9 @@ class ScaledDotProductAttention(Function):
         q = q * scale  # scaling q (T x D) is cheaper than scaling the scores (T x T)
         scores = q @ k.swapaxes(-1, -2)  # (B, H, Tq, D) @ (B, H, D, Tk) -> (B, H, Tq, Tk)
         if mask is not None:
+            # float16 scores (mixed precision) meet a float32 mask: the softmax runs in float32,
+            # where the mask's minimum exists, as PyTorch's autocast runs softmax in float32
+            scores = scores.astype(np.promote_types(scores.dtype, mask.dtype), copy=False)
             scores += mask  # additive: 0 = may attend, the float minimum = blocked
         # softmax over the keys, in place
         scores -= scores.max(axis=-1, keepdims=True)

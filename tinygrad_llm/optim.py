@@ -124,25 +124,38 @@ class AdamW(Optimizer):
             self.v[i] = backend.to_device(v, p.device).astype(p.dtype)
 
 
-def clip_grad_norm(params, max_norm: float):
-    """Scale all gradients by one factor so that their global L2 norm is at most ``max_norm``.
-
-        norm = sqrt(sum over every gradient g of sum(g^2)),  g <- g * min(1, max_norm / norm)
-
-    Returns the norm before clipping (worth logging: spikes signal instability) as a 0-d array
-    on the gradients' device. On a GPU nothing here waits for the device: the factor is computed
-    there, and every gradient is scaled by it (by 1 when the norm is small) -- reading the norm
-    on the host to decide would stall the step. ``float()`` the result only when you log it.
-    """
+def grad_norm(params):
+    """The global L2 norm of all gradients, sqrt(sum over every gradient g of sum(g^2)), as a
+    0-d array on their device (nothing waits for a GPU here)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return np.zeros((), np.float32)
     xp = backend.get_array_module(grads[0])
     # sum of squares through a BLAS dot product: no squared temporary per parameter
-    total = xp.sqrt(sum(xp.vdot(g.ravel(), g.ravel()) for g in grads))
-    if xp is np:  # on the host the test is free, and most steps then skip the multiplications
+    return xp.sqrt(sum(xp.vdot(g.ravel(), g.ravel()) for g in grads))
+
+
+def clip_grad_norm(params, max_norm: float, norm=None):
+    """Scale all gradients by one factor so that their global L2 norm is at most ``max_norm``.
+
+        g <- g * min(1, max_norm / norm)
+
+    Returns the norm before clipping (worth logging: spikes signal instability) as a 0-d array
+    on the gradients' device. ``norm``: the norm when the caller already has it (the trainer
+    reads it together with the loss, in one wait for the GPU).
+
+    On a GPU, without ``norm``, nothing here waits for the device: the factor is computed there
+    and every gradient is multiplied by it (by 1 when the norm is small) -- reading the norm on
+    the host to decide would stall the step.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return np.zeros((), np.float32)
+    total = grad_norm(params) if norm is None else norm
+    xp = backend.get_array_module(grads[0])
+    if xp is np or norm is not None:  # the norm is on the host: test it, skip the work if small
         if total > max_norm:
-            scale = max_norm / (total + 1e-6)
+            scale = max_norm / (float(total) + 1e-6)
             for g in grads:
                 g *= scale
         return total
@@ -150,6 +163,49 @@ def clip_grad_norm(params, max_norm: float):
     for g in grads:
         g *= scale
     return total
+
+
+class LossScaler:
+    """Dynamic loss scaling, for float16 gradients (Micikevicius et al. 2018, "Mixed Precision
+    Training"; PyTorch's GradScaler has the same defaults).
+
+    float16 holds magnitudes from 6e-8 (subnormal) to 65,504. Gradients of a language model are
+    often smaller than the first, so they would round to zero. Multiplying the loss by ``scale``
+    multiplies every gradient by it (the chain rule is linear), lifting them into range; dividing
+    the float32 gradients by it afterwards (``unscale``) gives the true ones. Too large a scale
+    overflows to inf instead: then the step is skipped and the scale halved. After
+    ``growth_interval`` steps in a row without overflow it doubles, to stay as high as it can.
+    """
+
+    def __init__(self, scale: float = 2.0 ** 16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+        self.scale, self.growth_factor = float(scale), growth_factor
+        self.backoff_factor, self.growth_interval = backoff_factor, growth_interval
+        self.good_steps = 0  # steps since the last overflow or growth
+
+    def unscale(self, params) -> None:
+        """Divide every gradient by the scale, in place (on the device)."""
+        inverse = 1.0 / self.scale
+        for p in params:
+            if p.grad is not None:
+                p.grad *= inverse
+
+    def update(self, overflow: bool) -> None:
+        """After a step: halve the scale on overflow, double it after a run of good steps."""
+        if overflow:
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps == self.growth_interval:
+            self.scale *= self.growth_factor
+            self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
 
 
 def cosine_schedule(step: int, max_lr: float, min_lr: float, warmup_steps: int,

@@ -260,6 +260,8 @@ class Tensor:
                 if input_grad is None or not tensor.requires_grad:
                     continue
                 input_grad = unbroadcast(input_grad, tensor.shape)
+                if input_grad.dtype != tensor.dtype:  # a gradient has its tensor's dtype (a
+                    input_grad = input_grad.astype(tensor.dtype)  # float32 sum meeting float16)
                 key = id(tensor)
                 grads[key] = grads[key] + input_grad if key in grads else input_grad
             if not retain_graph:

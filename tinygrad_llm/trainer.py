@@ -37,10 +37,11 @@ import numpy as np
 from tqdm import tqdm
 
 from . import backend
+from . import functional as F
 from .data import RandomWindows
 from .generate import generate
 from .loading import save_model
-from .optim import AdamW, clip_grad_norm, cosine_schedule
+from .optim import AdamW, LossScaler, clip_grad_norm, cosine_schedule, grad_norm
 from .plotting import plot_metrics
 from .tensor import no_grad
 
@@ -67,6 +68,15 @@ class TrainConfig:
     seed: int = 1337
     keep_best: bool = False  # end with the weights of the best evaluation instead of the last
     checkpoint_every_evaluation: bool = True  # save (and so make resumable) at each evaluation
+    dtype: str = "float32"  # or "float16": mixed precision (F.autocast + optim.LossScaler)
+
+    def __post_init__(self):
+        if self.dtype == "bfloat16":
+            raise ValueError("dtype bfloat16 is not available: neither NumPy nor CuPy has a "
+                             "bfloat16 array type; use float16 (mixed precision) or float32")
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be float32 or float16 (mixed precision), got "
+                             f"{self.dtype!r}")
 
     @classmethod
     def from_dict(cls, values: dict):
@@ -161,6 +171,10 @@ class Trainer:
         self.optimizer = AdamW(model.parameters(), lr=config.learning_rate,
                                betas=(config.beta1, config.beta2),
                                weight_decay=config.weight_decay)
+        # mixed precision: float16 products (F.autocast), float32 weights, scaled loss
+        self.compute_dtype = np.float16 if config.dtype == "float16" else None
+        self.scaler = LossScaler() if config.dtype == "float16" else None
+        self.skipped_steps = 0  # steps whose float16 gradients overflowed (not applied)
         self.step = 0
         self.history: list[dict] = []  # every evaluation's record
         self.best: dict | None = None  # the record of the best evaluation so far
@@ -177,27 +191,43 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches; returns the mean loss."""
         c = self.config
         backend.manual_seed((c.seed, self.step))  # dropout of step n is the same after a resume
+        scale = self.scaler.scale if self.scaler else 1.0
         total, tokens = 0.0, 0
         for _ in range(c.grad_accum_steps):
             batch = self.task.next_batch()
-            loss = self.task.loss(self.model, batch)
-            (loss * (1.0 / c.grad_accum_steps)).backward()  # gradients of micro-batches add up
+            with F.autocast(self.compute_dtype):
+                loss = self.task.loss(self.model, batch)
+            (loss * (scale / c.grad_accum_steps)).backward()  # micro-batches' gradients add up
             total = total + loss.data  # a 0-d array where the loss lives: no wait on a GPU
             tokens += batch[0].size
-        mean_loss = float(total) / c.grad_accum_steps  # the step's one read from the device
+        params = self.optimizer.params
+        if self.scaler:
+            self.scaler.unscale(params)  # the true gradients, in the float32 weights' .grad
+        # the step's one read from the device: the loss and the gradients' norm together
+        xp = backend.get_array_module(total)
+        total, norm = (float(v) for v in backend.to_numpy(xp.stack([total, grad_norm(params)])))
+        mean_loss = total / c.grad_accum_steps
+        self.last_step_tokens = tokens
         if not math.isfinite(mean_loss):
             self.optimizer.zero_grad()
             raise NonFiniteLossError(
                 f"the training loss became {mean_loss} at step {self.step + 1}: training "
                 "diverged. Lower --lr (or raise --warmup), or check the data and the starting "
                 f"weights; the last good checkpoint is in {self.checkpoint_dir}")
+        if self.scaler:
+            overflow = not math.isfinite(norm)  # a float16 gradient overflowed: skip the step
+            self.scaler.update(overflow)
+            if overflow:
+                self.optimizer.zero_grad()
+                self.skipped_steps += 1
+                self.step += 1  # the schedule moves on, as PyTorch's does after a skipped step
+                return mean_loss
         if c.grad_clip:
-            clip_grad_norm(self.optimizer.params, c.grad_clip)
+            clip_grad_norm(params, c.grad_clip, norm=norm)
         self.optimizer.lr = self.learning_rate(self.step)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.step += 1
-        self.last_step_tokens = tokens
         return mean_loss
 
     # ---------------------------------------------------------------------- evaluation
@@ -205,7 +235,7 @@ class Trainer:
         """The task's metrics, in eval mode and without recording a graph."""
         self.model.eval()
         try:
-            with no_grad():
+            with no_grad(), F.autocast(self.compute_dtype):
                 metrics = self.task.evaluate(self.model)
         finally:
             self.model.train()
@@ -238,6 +268,8 @@ class Trainer:
     def save(self) -> None:
         state = {"step": self.step, "optimizer_steps": self.optimizer.step_count,
                  "data": self.task.state(), "train": asdict(self.config)}
+        if self.scaler:
+            state["loss_scaler"] = self.scaler.state_dict()
         self.task.save(self.checkpoint_dir, self.model, state, self.optimizer)
 
     def resume(self, checkpoint: dict) -> None:
@@ -249,6 +281,8 @@ class Trainer:
         self.model.load_state_dict(checkpoint["weights"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.optimizer.step_count = state["optimizer_steps"]
+        if self.scaler and "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])
         self.step = state["step"]
         self.task.load_state(state["data"])
         kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
