@@ -1,15 +1,17 @@
 """One short check of the CUDA path on a machine with an NVIDIA GPU, CuPy and (optionally)
 PyTorch; prints a table last.
 
-    PYTHONPATH=. python bench/gpu.py            # about 7 minutes on an H100
+    PYTHONPATH=. python bench/gpu.py            # about 8 minutes on an H100
 
-1. every test on device="cuda" (a small hypothesis profile);
+1. every test on device="cuda" (a small hypothesis profile), and the fused CUDA kernels against
+   the array code they replace (tests/test_cuda_kernels.py);
 2. the toolkit on cuda: a short pretraining run with dropout, interrupted and resumed (the losses
    must equal the uninterrupted run's), generation with the KV cache, the errors for token ids
    out of range, and NumPy operands given to ops on the GPU;
 3. bench/train_step.py on GPT-2 124M (batch 8, context 1024), next to PyTorch eager with SDPA,
-   at float32, with TF32 matrix products (both engines), and mixed precision (ours float16
-   with loss scaling, PyTorch bfloat16 autocast);
+   at float32, with TF32 matrix products (both engines), with our fused CUDA kernels
+   (TINYGRAD_LLM_CUDA_KERNELS=1), and mixed precision (ours float16 with loss scaling,
+   PyTorch bfloat16 autocast);
 4. bench/generate.py (tokens/s with and without the KV cache).
 """
 
@@ -33,10 +35,10 @@ def record(name: str, ok: bool | None, detail: str, seconds: float) -> None:
     print(f"== {name}: {status} ({detail}, {seconds:.0f} s)", flush=True)
 
 
-def run(name: str, command: list[str], timeout: float, parse=None) -> str:
+def run(name: str, command: list[str], timeout: float, parse=None, env=None) -> str:
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
-           "TINYGRAD_LLM_PROFILE": "quick"}
+           "TINYGRAD_LLM_PROFILE": "quick", **(env or {})}
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=timeout)
@@ -158,11 +160,14 @@ def main() -> int:
                time.perf_counter() - start)
     gpt2 = ["--n-layer", "12", "--n-head", "12", "--n-embd", "768", "--context-length", "1024",
             "--batch-size", "8", "--vocab-size", "50257", "--steps", "8", "--warmup", "3"]
-    for label, flags in (("float32", []), ("TF32", ["--tf32"]),
-                         ("float16 mixed vs PyTorch bf16 autocast", ["--dtype", "float16"])):
+    kernels = {"TINYGRAD_LLM_CUDA_KERNELS": "1"}
+    for label, flags, env in (("float32", [], None), ("TF32", ["--tf32"], None),
+                              ("float32, fused kernels", [], kernels),
+                              ("float16 mixed vs PyTorch bf16 autocast", ["--dtype", "float16"],
+                               None)):
         run(f"train step GPT-2 124M, B=8, T=1024 ({label})",
             [sys.executable, "bench/train_step.py", "--device", "cuda", *gpt2, *flags],
-            timeout=150,
+            timeout=150, env=env,
             parse=lambda out: f"ours {value(out, 'tokens_per_s')} tok/s, PyTorch eager "
                               f"{value(out, 'torch_tokens_per_s')}, ratio {value(out, 'ratio')}")
     run("generate GPT-2 124M, 200 tokens",

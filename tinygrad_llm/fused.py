@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from . import backend
+from . import backend, cuda_kernels
 from .tensor import Function, Tensor, array_on
 
 get_xp = backend.get_array_module
@@ -182,6 +182,11 @@ class LinearCrossEntropy(Function):
                 logits += bias
             counted = valid[rows]
             picked = xp.where(counted, targets[rows], 0)  # ignored rows read class 0
+            if cuda_kernels.enabled(xp, logits):  # the loss and d loss / d logits, one kernel
+                weight_of_row = counted / count
+                total += cuda_kernels.cross_entropy_rows(logits, picked, weight_of_row).sum()
+                self._chunk_backward(x2, weight, logits, rows, need_x, need_w, need_b)
+                continue
             index = xp.arange(len(picked))
             logits -= logits.max(axis=1, keepdims=True)  # loss_i = log sum exp - target logit
             target_logit = logits[index, picked]
@@ -193,13 +198,17 @@ class LinearCrossEntropy(Function):
                 weight_of_row = (counted / count).astype(probs.dtype)[:, None]
                 probs *= weight_of_row / sums
                 probs[index, picked] -= weight_of_row[:, 0]
-                if need_x:
-                    self.gx[rows] = probs @ weight.T  # (n, V) @ (V, C)
-                if need_w:
-                    self.gw += x2[rows].T @ probs  # (C, n) @ (n, V)
-                if need_b:
-                    self.gb += sum_leading(probs)
+                self._chunk_backward(x2, weight, probs, rows, need_x, need_w, need_b)
         return mean_of_counted(total, valid).astype(x.dtype)
+
+    def _chunk_backward(self, x2, weight, dlogits, rows, need_x, need_w, need_b) -> None:
+        """A chunk's share of dx, dW and db, from d loss / d logits (n, V) of its rows."""
+        if need_x:
+            self.gx[rows] = dlogits @ weight.T  # (n, V) @ (V, C)
+        if need_w:
+            self.gw += x2[rows].T @ dlogits  # (C, n) @ (n, V)
+        if need_b:
+            self.gb += sum_leading(dlogits)
 
     def backward(self, g):
         # every gradient was computed for d loss = 1; the chain rule scales it by g
@@ -260,11 +269,16 @@ class LayerNorm(Function):
 
     def forward(self, x, weight, bias=None, eps=1e-5):
         xp = get_xp(x)
+        self.weight, self.has_bias = weight, bias is not None
+        self.fused = cuda_kernels.enabled(xp, x, weight)
+        if self.fused:  # the lines below as one GPU kernel, one block per row
+            y, self.xhat, self.rstd = cuda_kernels.layer_norm_forward(x, weight, bias, eps)
+            return y
         width = x.shape[-1]
         xhat = x - sum_last(x) / width  # centered, (..., C)
         rstd = 1 / xp.sqrt(dot_last(xhat, xhat) / width + eps)  # (..., 1)
         xhat *= rstd  # normalized input
-        self.xhat, self.rstd, self.weight, self.has_bias = xhat, rstd, weight, bias is not None
+        self.xhat, self.rstd = xhat, rstd
         y = xhat * weight
         if bias is not None:
             y += bias
@@ -276,7 +290,9 @@ class LayerNorm(Function):
         xhat, rstd = self.xhat, self.rstd
         width = xhat.shape[-1]
         gx = None
-        if self.needs_input_grad[0]:
+        if self.needs_input_grad[0] and self.fused:
+            gx = cuda_kernels.layer_norm_backward(g, xhat, self.weight, rstd)
+        elif self.needs_input_grad[0]:
             gx = g * self.weight  # gx̂, (..., C)
             correction = xhat * (dot_last(gx, xhat) / width)  # the path through the variance
             correction += sum_last(gx) / width  # the path through the mean

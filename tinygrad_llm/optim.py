@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from . import backend
+from . import backend, cuda_kernels
 
 
 class Optimizer:
@@ -93,12 +93,16 @@ class AdamW(Optimizer):
             if self.m[i] is None:
                 self.m[i], self.v[i] = xp.zeros_like(p.data), xp.zeros_like(p.data)
             m, v = self.m[i], self.v[i]
+            decay = 1 - self.lr * self.weight_decay if self.weight_decay and p.ndim >= 2 else 1.0
+            if cuda_kernels.enabled(xp, p.data, g):  # the lines below as one GPU kernel
+                cuda_kernels.adamw_update(p.data, g, m, v, b1, b2, step_size, eps, decay)
+                continue
             m *= b1
             m += (1 - b1) * g
             v *= b2
             v += (1 - b2) * (g * g)
-            if self.weight_decay and p.ndim >= 2:
-                p.data *= 1 - self.lr * self.weight_decay
+            if decay != 1.0:
+                p.data *= decay
             denominator = xp.sqrt(v)
             denominator += eps
             update = xp.divide(m, denominator, out=denominator)
