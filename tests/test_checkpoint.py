@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 
 from tinygrad_llm import backend
 from tinygrad_llm.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
@@ -14,16 +15,20 @@ from tinygrad_llm.tokenizer import CharTokenizer
 CONFIG = GPTConfig(vocab_size=5, context_length=4, n_layer=1, n_head=1, n_embd=4)
 
 
-def test_model_round_trip_with_tokenizer(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_round_trip_with_tokenizer(tmp_path, device):
     backend.manual_seed(0)
-    model, tokenizer = GPT(CONFIG), CharTokenizer("abcde")
+    model, tokenizer = GPT(CONFIG).to(device), CharTokenizer("abcde")
     save_model(tmp_path / "ckpt", model, tokenizer)
-    loaded, loaded_tokenizer, checkpoint = load_model(tmp_path / "ckpt")
+    loaded, loaded_tokenizer, checkpoint = load_model(tmp_path / "ckpt", device)
+    assert loaded.device == device
+    assert all(backend.device_of(p.data) == device for p in loaded.parameters())
     ids = np.array([[0, 1, 2]])
     np.testing.assert_array_equal(loaded(ids).numpy(), model(ids).numpy())
     assert loaded_tokenizer.chars == "abcde" and checkpoint["state"] is None
 
 
+# tests about files and their errors (host logic) stay CPU only
 def test_an_interrupted_save_leaves_the_old_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "ckpt", {"w": np.ones(2, np.float32)}, {"v": 1})
 
@@ -96,12 +101,13 @@ def test_a_full_or_read_only_disk_says_the_previous_checkpoint_is_intact(tmp_pat
     assert load_checkpoint(tmp_path / "ckpt")["config"]["v"] == 1
 
 
-def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
-    model = GPT(CONFIG)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, device):
+    model = GPT(CONFIG).to(device)
     model.wte.weight.data[0, 0] = np.nan
     save_model(tmp_path / "ckpt", model, CharTokenizer("abcde"))
     with pytest.raises(ValueError, match="NaN"):
-        load_model(tmp_path / "ckpt")
+        load_model(tmp_path / "ckpt", device)
 
 
 def test_a_config_missing_a_setting_is_refused_not_filled_with_gpt2s(tmp_path):

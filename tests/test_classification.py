@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 
 from tinygrad_llm import backend
 from tinygrad_llm.finetune.classification import (
@@ -84,9 +85,10 @@ def test_balance_and_stratified_split():
 
 
 # --------------------------------------------------------------------------------- model
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_padding_never_changes_a_prediction(pooling):
-    model = GPTClassifier(tiny_gpt(), 3, pooling)
+def test_padding_never_changes_a_prediction(pooling, device):
+    model = GPTClassifier(tiny_gpt(), 3, pooling).to(device)
     short, long = CHARS.encode("hi there"), CHARS.encode("a much longer message")
     alone, _ = pad_batch([short])
     batch, lengths = pad_batch([short, long])
@@ -95,6 +97,7 @@ def test_padding_never_changes_a_prediction(pooling):
                                model(alone, [len(short)]).numpy()[0], rtol=1e-5, atol=1e-6)
 
 
+# freezing and counting parameters is host bookkeeping: CPU only
 def test_trainable_choices_freeze_the_rest():
     model = GPTClassifier(tiny_gpt(), 2)
     head = 16 * 2 + 2
@@ -142,11 +145,12 @@ def synthetic_examples(n, seed):
     return examples
 
 
-def test_finetuning_learns_and_round_trips(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_finetuning_learns_and_round_trips(tmp_path, device):
     train, val = synthetic_examples(160, 0), synthetic_examples(40, 1)
     label_ids = {"none": 0, "z": 1}
     train_set, val_set = encode(train, CHARS, label_ids, 24), encode(val, CHARS, label_ids, 24)
-    model = GPTClassifier(tiny_gpt(), 2)
+    model = GPTClassifier(tiny_gpt(), 2).to(device)
     model.set_trainable("all")
     config = ClassifierConfig(epochs=12, batch_size=8, learning_rate=3e-3, seed=0)
     history = train_classifier(model, train_set, val_set, config, tmp_path / "run",
@@ -159,20 +163,22 @@ def test_finetuning_learns_and_round_trips(tmp_path):
     truth = np.array([label for _, label in val_set])
     assert (predicted == truth).mean() == best[0]["val_accuracy"]  # the best epoch's weights
     save_classifier(tmp_path / "clf", model, CHARS, ["none", "z"], 24)
-    loaded, tokenizer, labels, max_length = load_classifier(tmp_path / "clf")
+    loaded, tokenizer, labels, max_length = load_classifier(tmp_path / "clf", device)
+    assert loaded.device == device
     np.testing.assert_array_equal(evaluate(loaded, val_set)[2], evaluate(model, val_set)[2])
     assert labels == ["none", "z"] and max_length == 24 and tokenizer.chars == CHARS.chars
 
 
 # ------------------------------------------------------------------------------ commands
-def test_finetune_and_classify_commands(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_finetune_and_classify_commands(tmp_path, capsys, monkeypatch, device):
     save_model(tmp_path / "base", tiny_gpt(), CHARS)
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": lbl}) + "\n"
                             for t, lbl in synthetic_examples(80, 2)))
     assert main(["finetune-classifier", "--checkpoint", str(tmp_path / "base"), "--out",
                  str(tmp_path / "clf"), "--data", str(data), "--epochs", "1", "--trainable",
-                 "last-block"]) == 0
+                 "last-block", "--device", device]) == 0
     metrics = json.loads((tmp_path / "clf" / "metrics.json").read_text())
     for key in ("train_accuracy", "val_accuracy", "test_accuracy", "test_precision",
                 "test_recall", "test_f1", "test_confusion_matrix"):
@@ -181,26 +187,29 @@ def test_finetune_and_classify_commands(tmp_path, capsys, monkeypatch):
     kept = [r for r in metrics["history"] if r.get("best")][0]
     assert (metrics["best_epoch"], metrics["val_accuracy"]) == (kept["epoch"], kept["val_accuracy"])
     capsys.readouterr()
-    assert main(["classify", "--checkpoint", str(tmp_path / "clf"), "abc", "def"]) == 0
+    assert main(["classify", "--checkpoint", str(tmp_path / "clf"), "--device", device, "abc",
+                 "def"]) == 0
     label, probability = capsys.readouterr().out.strip().split("\t")
     assert label in ("none", "z") and 0.5 <= float(probability) <= 1
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("abc\n\nxyz\n"))
-    assert main(["classify", "--checkpoint", str(tmp_path / "clf")]) == 0
+    assert main(["classify", "--checkpoint", str(tmp_path / "clf"), "--device", device]) == 0
     lines = capsys.readouterr().out.split("\n")
     assert len(lines) == 4 and lines[1] == "" and lines[3] == ""  # one line per input line
-    assert main(["classify", "--checkpoint", str(tmp_path / "base")]) == 2
+    assert main(["classify", "--checkpoint", str(tmp_path / "base"), "--device", device]) == 2
     assert "not a classifier checkpoint" in capsys.readouterr().err
 
 
-def test_finetune_classifier_with_lora_trains_few_parameters_and_saves_a_plain_model(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_finetune_classifier_with_lora_trains_few_parameters_and_saves_a_plain_model(tmp_path,
+                                                                                   device):
     save_model(tmp_path / "base", tiny_gpt(), CHARS)
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": lbl}) + "\n"
                             for t, lbl in synthetic_examples(80, 2)))
     assert main(["finetune-classifier", "--checkpoint", str(tmp_path / "base"), "--out",
                  str(tmp_path / "clf"), "--data", str(data), "--epochs", "1", "--lora-rank",
-                 "2"]) == 0
+                 "2", "--device", device]) == 0
     metrics = json.loads((tmp_path / "clf" / "metrics.json").read_text())
     assert metrics["trainable"] == "lora-2"
-    model, _, _, _ = load_classifier(tmp_path / "clf" / "checkpoint")
+    model, _, _, _ = load_classifier(tmp_path / "clf" / "checkpoint", device)
     assert metrics["trainable_params"] < 0.5 * model.num_params()

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 
 from tinygrad_llm import backend
 from tinygrad_llm.evaluate.multiple_choice import (
@@ -26,10 +27,10 @@ from tinygrad_llm.tokenizer import CharTokenizer, GPT2Tokenizer
 from tinygrad_llm.train import evaluate as evaluate_command
 
 
-def tiny_gpt(vocab_size=50257, context_length=32, seed=0) -> GPT:
+def tiny_gpt(vocab_size=50257, context_length=32, seed=0, device="cpu") -> GPT:
     backend.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=vocab_size, context_length=context_length, n_layer=1,
-                          n_head=2, n_embd=16, tie_weights=False))
+                          n_head=2, n_embd=16, tie_weights=False)).to(device)
     model.eval()
     return model
 
@@ -52,8 +53,9 @@ def test_sliding_windows_score_every_token_exactly_once(num_tokens, context, str
     assert counts[0] == 0 and (counts[1:] == 1).all()
 
 
-def test_sliding_window_loss_equals_a_plain_forward_pass_when_the_text_fits():
-    model = tiny_gpt(vocab_size=40, context_length=16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sliding_window_loss_equals_a_plain_forward_pass_when_the_text_fits(device):
+    model = tiny_gpt(vocab_size=40, context_length=16, device=device)
     ids = np.random.default_rng(0).integers(0, 40, 15)  # 14 inputs: one window
     result = score_ids(model, ids, stride=8)
     with no_grad():
@@ -62,8 +64,9 @@ def test_sliding_window_loss_equals_a_plain_forward_pass_when_the_text_fits():
     assert result["nats"] / result["tokens"] == pytest.approx(plain, rel=1e-5)
 
 
-def test_sliding_window_counts_every_token_once_and_batching_changes_nothing():
-    model = tiny_gpt(vocab_size=40, context_length=16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sliding_window_counts_every_token_once_and_batching_changes_nothing(device):
+    model = tiny_gpt(vocab_size=40, context_length=16, device=device)
     ids = np.random.default_rng(1).integers(0, 40, 101)
     one = score_ids(model, ids, stride=5, batch_size=1)
     many = score_ids(model, ids, stride=5, batch_size=7)
@@ -79,10 +82,11 @@ def test_sliding_window_counts_every_token_once_and_batching_changes_nothing():
     assert one["nats"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_bits_per_byte_divides_total_nats_by_ln2_and_utf8_bytes():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bits_per_byte_divides_total_nats_by_ln2_and_utf8_bytes(device):
     text = "to be or not to be, that is the question"
     tokenizer = CharTokenizer.from_text(text)
-    model = tiny_gpt(vocab_size=tokenizer.vocab_size, context_length=16)
+    model = tiny_gpt(vocab_size=tokenizer.vocab_size, context_length=16, device=device)
     result = perplexity(model, tokenizer, [text], stride=4)
     nats = result["loss"] * result["tokens"]
     assert result["tokens"] == len(text) - 1
@@ -197,6 +201,7 @@ def scripted_questions():
             for i, (b, t) in enumerate(zip(believed, truth, strict=True))]
 
 
+# a scripted NumPy model, no device: CPU only
 def test_letter_method_reaches_the_exact_accuracy_of_a_scripted_model():
     tokenizer = CharTokenizer("".join(sorted(set(string.printable))))
     model = ScriptedModel(tokenizer)
@@ -212,9 +217,10 @@ def test_letter_method_reaches_the_exact_accuracy_of_a_scripted_model():
 
 
 # ----------------------------------------------------- a real tiny GPT: against plain forwards
-def test_letter_logprobs_equal_log_softmax_of_a_plain_forward_pass():
+@pytest.mark.parametrize("device", DEVICES)
+def test_letter_logprobs_equal_log_softmax_of_a_plain_forward_pass(device):
     tokenizer = GPT2Tokenizer()
-    model = tiny_gpt(context_length=64)
+    model = tiny_gpt(context_length=64, device=device)
     questions = [Question("anatomy", i, "Which bone? " * (i + 1), ["femur", "ulna", "skull",
                                                                 "rib"], i % 4) for i in range(5)]
     records, metrics = evaluate_questions(model, tokenizer, questions, batch_size=2)
@@ -228,9 +234,10 @@ def test_letter_logprobs_equal_log_softmax_of_a_plain_forward_pass():
             assert record["logprobs"][letter] == pytest.approx(expected[letter], abs=1e-4)
 
 
-def test_prompts_longer_than_the_context_are_cut_from_the_left_and_counted():
+@pytest.mark.parametrize("device", DEVICES)
+def test_prompts_longer_than_the_context_are_cut_from_the_left_and_counted(device):
     tokenizer = GPT2Tokenizer()
-    model = tiny_gpt(context_length=48)
+    model = tiny_gpt(context_length=48, device=device)
     questions = [Question("anatomy", 0, "Which bone is long? " * 8, ["a", "b", "c", "d"], 0),
                  Question("anatomy", 1, "Short?", ["a", "b", "c", "d"], 1)]
     records, metrics = evaluate_questions(model, tokenizer, questions, batch_size=2)
@@ -242,9 +249,10 @@ def test_prompts_longer_than_the_context_are_cut_from_the_left_and_counted():
     assert records[0]["logprobs"]["A"] == pytest.approx(logp[317], abs=1e-4)
 
 
-def test_continuation_scores_sum_and_mean_of_each_choice_tokens():
+@pytest.mark.parametrize("device", DEVICES)
+def test_continuation_scores_sum_and_mean_of_each_choice_tokens(device):
     tokenizer = GPT2Tokenizer()
-    model = tiny_gpt(context_length=64)
+    model = tiny_gpt(context_length=64, device=device)
     questions = [Question("misc", 0, "Capital of France?", ["Paris", "a town in Spain", "Rome"],
                           0),
                  Question("misc", 1, "Colour of grass?", ["green", "blue sky blue"], 1)]
@@ -277,7 +285,8 @@ def checkpoint(tmp_path):
     return tmp_path / "model"
 
 
-def test_mc_command_writes_predictions_and_metrics(tmp_path, checkpoint, capsys):
+@pytest.mark.parametrize("device", DEVICES)
+def test_mc_command_writes_predictions_and_metrics(tmp_path, checkpoint, capsys, device):
     data, dev = tmp_path / "val", tmp_path / "dev"
     data.mkdir()
     dev.mkdir()
@@ -285,7 +294,8 @@ def test_mc_command_writes_predictions_and_metrics(tmp_path, checkpoint, capsys)
                                            for i in range(5)])
     write_csv(dev / "astronomy_dev.csv", [["Sun?", "star", "moon", "rock", "gas", "A"]])
     args = parse(["mc", "--checkpoint", str(checkpoint), "--data", str(data), "--dev", str(dev),
-                  "--shots", "1", "--out", str(tmp_path / "out"), "--limit", "4", "--quiet"])
+                  "--shots", "1", "--out", str(tmp_path / "out"), "--limit", "4", "--device",
+                  device, "--quiet"])
     assert evaluate_command.run(args) == 0
     lines = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -298,28 +308,32 @@ def test_mc_command_writes_predictions_and_metrics(tmp_path, checkpoint, capsys)
     assert "accuracy" in capsys.readouterr().out
 
 
-def test_evaluate_through_the_tinygrad_llm_command(tmp_path, checkpoint, monkeypatch, capsys):
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluate_through_the_tinygrad_llm_command(tmp_path, checkpoint, monkeypatch, capsys,
+                                                   device):
     from tinygrad_llm.train import cli
 
     monkeypatch.setitem(cli.COMMANDS, "evaluate", (evaluate_command, "evaluate a model"))
     text = tmp_path / "text.txt"
     text.write_text("It was the best of times, it was the worst of times. " * 10)
     assert cli.main(["evaluate", "perplexity", "--checkpoint", str(checkpoint), "--data",
-                     str(text), "--stride", "16", "--quiet"]) == 0
+                     str(text), "--stride", "16", "--device", device, "--quiet"]) == 0
     assert "bits/byte" in capsys.readouterr().out
     assert cli.main(["evaluate", "perplexity", "--checkpoint", str(checkpoint), "--data",
-                     str(text), "--stride", "65", "--quiet"]) == 2
+                     str(text), "--stride", "65", "--device", device, "--quiet"]) == 2
     assert "--stride 65 is longer" in capsys.readouterr().err
     bad = tmp_path / "bad_val.csv"
     bad.write_text("q,a,b,c,d,A\nq,a,b\n")
     assert cli.main(["evaluate", "mc", "--checkpoint", str(checkpoint), "--data", str(bad),
-                     "--out", str(tmp_path / "out"), "--quiet"]) == 2
+                     "--out", str(tmp_path / "out"), "--device", device, "--quiet"]) == 2
     assert f"{bad}, line 2" in capsys.readouterr().err
     assert cli.main(["evaluate", "mc", "--checkpoint", str(checkpoint), "--data", str(bad),
-                     "--out", str(tmp_path / "out"), "--shots", "2", "--quiet"]) == 2
+                     "--out", str(tmp_path / "out"), "--shots", "2", "--device", device,
+                     "--quiet"]) == 2
     assert "--shots needs --dev" in capsys.readouterr().err
 
 
+# the judge runs no model: CPU only
 def test_judge_without_the_openai_client_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     import sys
 
@@ -336,7 +350,9 @@ def test_judge_without_the_openai_client_says_how_to_install_it(tmp_path, monkey
     assert "pip install 'tinygrad_llm[eval]'" in capsys.readouterr().err
 
 
-def test_perplexity_of_a_folder_scores_each_text_file_as_its_own_document(tmp_path, checkpoint):
+@pytest.mark.parametrize("device", DEVICES)
+def test_perplexity_of_a_folder_scores_each_text_file_as_its_own_document(tmp_path, checkpoint,
+                                                                          device):
     folder = tmp_path / "texts"
     folder.mkdir()
     (folder / "a.txt").write_text("Once more unto the breach, dear friends. " * 5)
@@ -344,7 +360,8 @@ def test_perplexity_of_a_folder_scores_each_text_file_as_its_own_document(tmp_pa
     (folder / "notes.md").write_text("not scored")
     out = tmp_path / "ppl"
     assert evaluate_command.run(parse(["perplexity", "--checkpoint", str(checkpoint), "--data",
-                                       str(folder), "--out", str(out), "--quiet"])) == 0
+                                       str(folder), "--out", str(out), "--device", device,
+                                       "--quiet"])) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     tokenizer = GPT2Tokenizer()
     texts = [(folder / name).read_text() for name in ("a.txt", "b.txt")]

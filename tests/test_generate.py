@@ -3,6 +3,7 @@ stopping, streaming and cropping."""
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 
 from tinygrad_llm import backend
 from tinygrad_llm.generate import (
@@ -19,45 +20,55 @@ from tinygrad_llm.tokenizer import CharTokenizer
 CONFIG = GPTConfig(vocab_size=13, context_length=12, n_layer=2, n_head=2, n_embd=16)
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=DEVICES)
+def model(request):
     backend.manual_seed(3)
-    m = GPT(CONFIG)
+    m = GPT(CONFIG).to(request.param)
     for p in m.parameters():  # larger weights: sharper, more varied predictions
         p.data *= 8
     return m
 
 
-def frequencies(logits, n=20000, **kwargs):
-    rng = np.random.default_rng(0)
-    draws = sample_next(np.repeat(logits[None], n, axis=0), rng, **kwargs)
+def frequencies(logits, n=20000, device="cpu", **kwargs):
+    """Sampled on ``device``, with a generator of its array module (NumPy's or CuPy's)."""
+    rng = backend.array_module(device).random.default_rng(0)
+    batch = backend.to_device(np.repeat(logits[None], n, axis=0), device)
+    draws = backend.to_numpy(sample_next(batch, rng, **kwargs))
     return np.bincount(draws, minlength=logits.size) / n
 
 
 LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.07, 0.03]))
 
 
-def test_greedy_and_top_k_1_take_the_argmax():
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_and_top_k_1_take_the_argmax(device):
     logits = np.random.default_rng(0).standard_normal((4, 9))
-    rng = np.random.default_rng(0)
-    assert np.array_equal(sample_next(logits, rng, temperature=0), logits.argmax(-1))
-    assert np.array_equal(sample_next(logits, rng, temperature=1.0, top_k=1), logits.argmax(-1))
+    rng = backend.array_module(device).random.default_rng(0)
+    on_device = backend.to_device(logits, device)
+    greedy = sample_next(on_device, rng, temperature=0)
+    assert np.array_equal(backend.to_numpy(greedy), logits.argmax(-1))
+    top_1 = sample_next(on_device, rng, temperature=1.0, top_k=1)
+    assert np.array_equal(backend.to_numpy(top_1), logits.argmax(-1))
 
 
-def test_sampling_follows_the_temperature_scaled_softmax():
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_follows_the_temperature_scaled_softmax(device):
     for temperature in (1.0, 0.5, 2.0):
         expected = np.exp(LOGITS / temperature)
         expected /= expected.sum()
-        np.testing.assert_allclose(frequencies(LOGITS, temperature=temperature), expected,
-                                   atol=0.015)
+        np.testing.assert_allclose(frequencies(LOGITS, device=device, temperature=temperature),
+                                   expected, atol=0.015)
 
 
-def test_top_k_and_top_p_keep_only_the_most_likely():
-    np.testing.assert_allclose(frequencies(LOGITS, top_k=2), [2 / 3, 1 / 3, 0, 0, 0], atol=0.015)
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_k_and_top_p_keep_only_the_most_likely(device):
+    np.testing.assert_allclose(frequencies(LOGITS, device=device, top_k=2),
+                               [2 / 3, 1 / 3, 0, 0, 0], atol=0.015)
     # nucleus 0.8: 0.5 + 0.25 < 0.8, so the third token (0.15) is needed, the rest dropped
-    np.testing.assert_allclose(frequencies(LOGITS, top_p=0.8), [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9,
-                                                                0, 0], atol=0.015)
-    assert frequencies(LOGITS, top_p=0.3)[0] == 1.0  # the top token alone already covers p
+    np.testing.assert_allclose(frequencies(LOGITS, device=device, top_p=0.8),
+                               [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0, 0], atol=0.015)
+    # the top token alone already covers p
+    assert frequencies(LOGITS, device=device, top_p=0.3)[0] == 1.0
 
 
 def test_seed_makes_sampling_reproducible(model):

@@ -11,6 +11,7 @@ from tinygrad_llm.models.gpt import GPT, GPTConfig, preset
 TINY = GPTConfig(vocab_size=11, context_length=8, n_layer=2, n_head=2, n_embd=8)
 
 
+# parameter counts are host bookkeeping: CPU only
 def test_gpt2_preset_has_gpt2s_parameter_count():
     assert GPT(preset("gpt2")).num_params() == 124_439_808  # with the tied head
 
@@ -21,9 +22,10 @@ def test_untied_head_adds_a_vocab_by_width_matrix():
     assert untied - tied == 11 * 8
 
 
-def test_logits_shape_and_causality():
+@pytest.mark.parametrize("device", DEVICES)
+def test_logits_shape_and_causality(device):
     backend.manual_seed(0)
-    model = GPT(TINY)
+    model = GPT(TINY).to(device)
     ids = np.array([[1, 2, 3, 4, 5], [5, 4, 3, 2, 1]])
     logits = model(ids).numpy()
     assert logits.shape == (2, 5, 11)
@@ -33,25 +35,29 @@ def test_logits_shape_and_causality():
     assert not np.allclose(model(changed).numpy()[:, 3:], logits[:, 3:])
 
 
-def test_too_long_input_is_a_clear_error():
+@pytest.mark.parametrize("device", DEVICES)
+def test_too_long_input_is_a_clear_error(device):
     with pytest.raises(ValueError, match="longer than the model's context length 8"):
-        GPT(TINY)(np.zeros((1, 9), dtype=np.int64))
+        GPT(TINY).to(device)(np.zeros((1, 9), dtype=np.int64))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad_id", [11, 50_000, -1])
-def test_out_of_range_token_ids_are_a_clear_error(bad_id):
+def test_out_of_range_token_ids_are_a_clear_error(bad_id, device):
     """NumPy raises on some of these and wraps negative ids; CuPy wraps them all: so ids are
     checked on the host, before they reach any device."""
     ids = np.array([[1, 2, bad_id]])
     with pytest.raises(ValueError, match=f"token id {bad_id} is outside the model's vocabulary of "
                                          r"11 tokens \(ids must be in 0\.\.10\)"):
-        GPT(TINY)(ids)
+        GPT(TINY).to(device)(ids)
     with pytest.raises(ValueError, match=f"token id {bad_id}"):
-        GPT(TINY).loss(Tensor(ids), np.zeros((1, 3), dtype=np.int64))
+        # a host Tensor: ids already on a GPU are not checked (that would cost a device sync)
+        GPT(TINY).to(device).loss(Tensor(ids), np.zeros((1, 3), dtype=np.int64))
 
 
-def test_out_of_range_positions_and_targets_are_a_clear_error():
-    model = GPT(TINY)
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_range_positions_and_targets_are_a_clear_error(device):
+    model = GPT(TINY).to(device)
     ids = np.array([[1, 2, 3]])
     with pytest.raises(ValueError, match=r"position 8 is outside the model's 8 positions"):
         model(ids, positions=np.array([[6, 7, 8]]))
@@ -60,22 +66,25 @@ def test_out_of_range_positions_and_targets_are_a_clear_error():
     model.loss(ids, np.array([[0, -100, 10]]))  # ignore_index and the last class are fine
 
 
-def test_residual_projections_are_scaled_at_init():
+@pytest.mark.parametrize("device", DEVICES)
+def test_residual_projections_are_scaled_at_init(device):
     backend.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, context_length=16, n_layer=8, n_head=4, n_embd=64))
+    model = GPT(GPTConfig(vocab_size=50, context_length=16, n_layer=8, n_head=4,
+                          n_embd=64)).to(device)
     block = model.h[0]
-    assert np.std(block.mlp.c_fc.weight.data) == pytest.approx(0.02, rel=0.05)
-    assert np.std(block.attn.c_attn.weight.data) == pytest.approx(0.02, rel=0.05)
+    assert np.std(block.mlp.c_fc.weight.numpy()) == pytest.approx(0.02, rel=0.05)
+    assert np.std(block.attn.c_attn.weight.numpy()) == pytest.approx(0.02, rel=0.05)
     # the two projections that write into the residual stream: 0.02 / sqrt(2 n_layer)
-    assert np.std(block.mlp.c_proj.weight.data) == pytest.approx(0.02 / 4, rel=0.05)
-    assert np.std(block.attn.c_proj.weight.data) == pytest.approx(0.02 / 4, rel=0.05)
+    assert np.std(block.mlp.c_proj.weight.numpy()) == pytest.approx(0.02 / 4, rel=0.05)
+    assert np.std(block.attn.c_proj.weight.numpy()) == pytest.approx(0.02 / 4, rel=0.05)
 
 
-def test_whole_model_gradient_matches_finite_differences():
+@pytest.mark.parametrize("device", DEVICES)
+def test_whole_model_gradient_matches_finite_differences(device):
     """A tiny GPT in float64: d loss / d (random parameter entries) against central differences."""
     backend.manual_seed(0)
     config = GPTConfig(**{**TINY.to_dict(), "tie_weights": True, "dropout": 0.0})
-    model = GPT(config).to(dtype=np.float64)
+    model = GPT(config).to(device, dtype=np.float64)
     rng = np.random.default_rng(1)
     ids, targets = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
     F.cross_entropy(model(ids), targets).backward()
@@ -83,7 +92,7 @@ def test_whole_model_gradient_matches_finite_differences():
         flat = parameter.data.reshape(-1)
         for j in rng.choice(flat.size, size=min(3, flat.size), replace=False):
             def loss_at(value, j=j, flat=flat):
-                original = flat[j]
+                original = float(flat[j])  # a copy (CuPy's flat[j] is a view)
                 flat[j] = value
                 try:
                     return F.cross_entropy(model(ids), targets).item()
@@ -91,38 +100,41 @@ def test_whole_model_gradient_matches_finite_differences():
                     flat[j] = original
 
             h = 1e-6
-            numeric = (loss_at(flat[j] + h) - loss_at(flat[j] - h)) / (2 * h)
-            analytic = parameter.grad.reshape(-1)[j]
+            numeric = (loss_at(float(flat[j]) + h) - loss_at(float(flat[j]) - h)) / (2 * h)
+            analytic = backend.to_numpy(parameter.grad).reshape(-1)[j]
             assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8), name
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tie", [True, False])
-def test_fused_loss_equals_cross_entropy_of_the_logits(tie):
+def test_fused_loss_equals_cross_entropy_of_the_logits(tie, device):
     backend.manual_seed(0)
-    model = GPT(GPTConfig(**{**TINY.to_dict(), "tie_weights": tie})).to(dtype=np.float64)
+    model = GPT(GPTConfig(**{**TINY.to_dict(), "tie_weights": tie})).to(device, dtype=np.float64)
     rng = np.random.default_rng(2)
     ids, targets = rng.integers(0, 11, (2, 6)), rng.integers(0, 11, (2, 6))
     targets[0, 0] = -100
     F.cross_entropy(model(ids), targets).backward()
-    expected = {name: p.grad.copy() for name, p in model.named_parameters()}
+    expected = {name: backend.to_numpy(p.grad).copy() for name, p in model.named_parameters()}
     model.zero_grad()
     loss = model.loss(ids, targets)
     assert loss.item() == pytest.approx(F.cross_entropy(model(ids), targets).item(), rel=1e-12)
     loss.backward()
     for name, parameter in model.named_parameters():
-        np.testing.assert_allclose(parameter.grad, expected[name], rtol=1e-9, atol=1e-12,
+        np.testing.assert_allclose(backend.to_numpy(parameter.grad), expected[name], rtol=1e-9,
+                                   atol=1e-12,
                                    err_msg=name)
 
 
-def test_the_causal_mask_is_cached_by_the_model_and_gives_the_uncached_result():
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_causal_mask_is_cached_by_the_model_and_gives_the_uncached_result(device):
     backend.manual_seed(0)
-    model = GPT(TINY)
+    model = GPT(TINY).to(device)
     ids = np.array([[1, 2, 3, 4], [4, 3, 2, 1]])
     logits = model(ids).numpy()
-    assert list(model.causal_masks.masks) == [("cpu", 4, 4, np.dtype(np.float32).str)]
-    mask = model.causal_masks.get(4, 4, "cpu", np.float32)
+    assert list(model.causal_masks.masks) == [(device, 4, 4, np.dtype(np.float32).str)]
+    mask = model.causal_masks.get(4, 4, device, np.float32)
     model(ids)
-    assert model.causal_masks.get(4, 4, "cpu", np.float32) is mask  # built once, reused
+    assert model.causal_masks.get(4, 4, device, np.float32) is mask  # built once, reused
     # each block's attention called on its own builds the causal mask itself: same numbers
     x = model.wte(ids) + model.wpe(np.arange(4))
     for block in model.h:

@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 
 from tinygrad_llm import backend
 from tinygrad_llm.finetune.instruction import (
@@ -115,11 +116,13 @@ def tiny_base(tmp_path):
     return tmp_path
 
 
-def test_finetune_instruct_learns_and_writes_its_outputs(tiny_base, capsys):
+@pytest.mark.parametrize("device", DEVICES)
+def test_finetune_instruct_learns_and_writes_its_outputs(tiny_base, capsys, device):
     out = tiny_base / "sft"
     assert main(["finetune-instruct", "--checkpoint", str(tiny_base / "base"), "--out", str(out),
                  "--data", str(tiny_base / "data.jsonl"), "--epochs", "3", "--lr", "3e-3",
-                 "--batch-size", "4", "--max-new-tokens", "8", "--quiet"]) == 0
+                 "--batch-size", "4", "--max-new-tokens", "8", "--device", device,
+                 "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("initial_val_loss", "initial_test_loss", "val_loss", "test_loss",
                 "test_perplexity", "trainable_params", "total_params", "wall_seconds",
@@ -132,13 +135,13 @@ def test_finetune_instruct_learns_and_writes_its_outputs(tiny_base, capsys):
     assert set(responses[0]) == {"instruction", "input", "output", "model_response",
                                  "well_formed"}
     assert len((out / "data" / "test.jsonl").read_text().splitlines()) == 4
-    _, _, checkpoint = load_model(out / "checkpoint")
+    _, _, checkpoint = load_model(out / "checkpoint", device)
     assert checkpoint["config"]["template"] == "alpaca"
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(out), "--prompt", "Say yes.", "--temperature",
-                 "0", "--max-new-tokens", "6"]) == 0
+                 "0", "--max-new-tokens", "6", "--device", device]) == 0
     answer = capsys.readouterr().out
     assert "###" not in answer and "Say yes." not in answer  # wrapped in the template: the answer
     assert main(["generate", "--checkpoint", str(out), "--prompt", "Say yes.", "--raw",
-                 "--temperature", "0", "--max-new-tokens", "6"]) == 0
+                 "--temperature", "0", "--max-new-tokens", "6", "--device", device]) == 0
     assert capsys.readouterr().out.startswith("Say yes.")

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import DEVICES
 
 from tinygrad_llm import Tensor, backend, hf, lora
 from tinygrad_llm import functional as F
@@ -44,17 +45,24 @@ def train_lora(model, steps=5, lr=1e-2):
 
 
 @pytest.fixture
-def trained():
-    """A tiny GPT with rank-4 LoRA on the default layers, trained a little."""
-    model = tiny_gpt()
+def device():
+    """The device of the ``trained`` model: the CPU, unless a test parametrizes ``device``."""
+    return "cpu"
+
+
+@pytest.fixture
+def trained(device):
+    """A tiny GPT with rank-4 LoRA on the default layers, trained a little (on ``device``)."""
+    model = tiny_gpt().to(device)
     lora.apply_lora(model, rank=4, alpha=8)
     train_lora(model)
     return model
 
 
 # ------------------------------------------------------------------------ the layer itself
-def test_a_wrapped_model_starts_equal_to_its_base_and_keeps_the_head_plain():
-    model = tiny_gpt()
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_wrapped_model_starts_equal_to_its_base_and_keeps_the_head_plain(device):
+    model = tiny_gpt().to(device)
     before = model(IDS).numpy()
     names = lora.apply_lora(model)
     assert names == DEFAULT_NAMES  # attention and MLP projections of every block, in order
@@ -64,9 +72,11 @@ def test_a_wrapped_model_starts_equal_to_its_base_and_keeps_the_head_plain():
     np.testing.assert_array_equal(model(IDS).numpy(), before)
 
 
-def test_a_is_kaiming_uniform_as_in_peft_and_the_scale_is_alpha_over_rank():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_is_kaiming_uniform_as_in_peft_and_the_scale_is_alpha_over_rank(device):
     backend.manual_seed(0)
-    layer = lora.LoRALinear(Linear(400, 300), rank=64, alpha=32)
+    layer = lora.LoRALinear(Linear(400, 300).to(device), rank=64, alpha=32)
+    assert layer.lora_A.device == layer.lora_B.device == device  # made on the base's device
     a = layer.lora_A.numpy()
     bound = 1 / np.sqrt(400)  # kaiming_uniform_(a=sqrt(5)) on PyTorch's (r, in) weight
     assert a.shape == (400, 64) and layer.lora_B.shape == (64, 300)
@@ -75,34 +85,40 @@ def test_a_is_kaiming_uniform_as_in_peft_and_the_scale_is_alpha_over_rank():
     assert layer.scale == 0.5
 
 
-def test_the_layer_computes_base_plus_scaled_low_rank_update():
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_layer_computes_base_plus_scaled_low_rank_update(device):
     backend.manual_seed(1)
-    layer = lora.LoRALinear(Linear(6, 5), rank=3, alpha=6)
-    layer.lora_B.data = backend.generator("cpu").standard_normal((3, 5)).astype(np.float32)
+    layer = lora.LoRALinear(Linear(6, 5).to(device), rank=3, alpha=6)
+    b = backend.generator("cpu").standard_normal((3, 5)).astype(np.float32)
+    layer.lora_B.data = backend.to_device(b, device)
     x = np.random.default_rng(0).standard_normal((2, 4, 6)).astype(np.float32)
     w, b = layer.base.weight.numpy(), layer.base.bias.numpy()
     a, bb = layer.lora_A.numpy(), layer.lora_B.numpy()
     expected = x @ w + b + (x @ a @ bb) * (6 / 3)
-    np.testing.assert_allclose(layer(Tensor(x)).numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer(Tensor(x, device=device)).numpy(), expected, rtol=1e-5,
+                               atol=1e-6)
 
 
-def test_dropout_acts_on_the_lora_path_only_and_only_while_training():
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_acts_on_the_lora_path_only_and_only_while_training(device):
     backend.manual_seed(2)
-    layer = lora.LoRALinear(Linear(32, 16), rank=4, alpha=4, dropout=0.5)
-    x = Tensor(np.random.default_rng(0).standard_normal((8, 32)).astype(np.float32))
+    layer = lora.LoRALinear(Linear(32, 16).to(device), rank=4, alpha=4, dropout=0.5)
+    x = Tensor(np.random.default_rng(0).standard_normal((8, 32)).astype(np.float32),
+               device=device)
     base = layer.base(x).numpy()
     np.testing.assert_array_equal(layer(x).numpy(), base)  # B = 0: dropout cannot touch the base
-    layer.lora_B.data = np.ones((4, 16), np.float32)
+    layer.lora_B.data = backend.array_module(device).ones((4, 16), np.float32)
     first, second = layer(x).numpy(), layer(x).numpy()
     assert not np.allclose(first, second)  # a new mask per call while training
     layer.eval()
-    no_dropout = lora.LoRALinear(Linear(32, 16), rank=4, alpha=4)
+    no_dropout = lora.LoRALinear(Linear(32, 16).to(device), rank=4, alpha=4)
     no_dropout.base, no_dropout.lora_A, no_dropout.lora_B = layer.base, layer.lora_A, layer.lora_B
     np.testing.assert_array_equal(layer(x).numpy(), no_dropout(x).numpy())
 
 
-def test_gradients_reach_only_a_and_b_and_the_base_stays_unchanged():
-    model = tiny_gpt()
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_reach_only_a_and_b_and_the_base_stays_unchanged(device):
+    model = tiny_gpt().to(device)
     lora.apply_lora(model, rank=4, alpha=8)
     frozen = {name: p.numpy().copy() for name, p in model.named_parameters()
               if not name.endswith(("lora_A", "lora_B"))}
@@ -119,37 +135,42 @@ def test_gradients_reach_only_a_and_b_and_the_base_stays_unchanged():
             np.testing.assert_array_equal(parameter.numpy(), frozen[name])
 
 
-def test_layer_gradients_match_finite_differences():
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_gradients_match_finite_differences(device):
     rng = np.random.default_rng(0)
-    layer = lora.LoRALinear(Linear(5, 4), rank=2, alpha=3)
-    layer.base.weight.data = rng.standard_normal((5, 4))  # float64 for finite differences
-    layer.base.bias.data = rng.standard_normal(4)
+    layer = lora.LoRALinear(Linear(5, 4).to(device), rank=2, alpha=3)
+    # float64 for finite differences
+    layer.base.weight.data = backend.to_device(rng.standard_normal((5, 4)), device)
+    layer.base.bias.data = backend.to_device(rng.standard_normal(4), device)
 
     def fn(x, a, b):
         layer.lora_A, layer.lora_B = a, b
         return layer(x)
 
     check_gradients(fn, [rng.standard_normal((2, 3, 5)), rng.standard_normal((5, 2)),
-                         rng.standard_normal((2, 4))])
+                         rng.standard_normal((2, 4))], device)
 
 
-def test_model_gradients_of_a_and_b_match_finite_differences():
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_gradients_of_a_and_b_match_finite_differences(device):
     config = GPTConfig(vocab_size=11, context_length=4, n_layer=1, n_head=2, n_embd=4,
                        tie_weights=False)
-    model = tiny_gpt(config).to(dtype=np.float64)
+    model = tiny_gpt(config).to(device, dtype=np.float64)
     lora.apply_lora(model, rank=2, alpha=4)
     ids = np.array([[1, 2, 3], [4, 5, 6]])
     rng = np.random.default_rng(0)
     for layer in lora.lora_layers(model).values():
-        layer.lora_B.data = rng.standard_normal(layer.lora_B.shape)  # nonzero: A gets gradient
+        # nonzero: A gets gradient
+        layer.lora_B.data = backend.to_device(rng.standard_normal(layer.lora_B.shape), device)
     for layer in (model.h[0].attn.c_attn, model.h[0].mlp.c_proj):
         def fn(a, b, layer=layer):
             layer.lora_A, layer.lora_B = a, b
             return model(ids)
 
-        check_gradients(fn, [layer.lora_A.numpy(), layer.lora_B.numpy()])
+        check_gradients(fn, [layer.lora_A.numpy(), layer.lora_B.numpy()], device)
 
 
+# parameter counting on a 384-wide model: host bookkeeping, and slow under the stand-in: CPU only
 def test_rank_16_on_a_small_gpt_trains_well_under_10_percent_of_the_parameters():
     model = GPT(preset("mini", vocab_size=1000))  # GPT-2-shaped blocks, 384 wide
     total = model.num_params()
@@ -166,6 +187,7 @@ def test_rank_16_on_a_small_gpt_trains_well_under_10_percent_of_the_parameters()
 
 
 # --------------------------------------------------------------------------- choosing layers
+# (choosing layers by name is host logic: CPU only)
 def test_targets_match_full_names_trailing_components_and_globs():
     cases = {("attn.c_proj",): ["h.0.attn.c_proj", "h.1.attn.c_proj"],
              ("h.1.mlp.c_fc",): ["h.1.mlp.c_fc"],
@@ -197,7 +219,9 @@ def test_bad_settings_and_a_second_apply_are_errors():
 
 
 # ----------------------------------------------------------------------------- merging
-def test_merged_and_unmerged_give_the_same_logits_both_ways(trained):
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_and_unmerged_give_the_same_logits_both_ways(trained, device):
+    assert trained.device == device
     lora_logits = trained(IDS).numpy()
     base_weight = trained.h[0].attn.c_attn.base.weight.numpy().copy()
     layer = trained.h[0].attn.c_attn
@@ -214,7 +238,8 @@ def test_merged_and_unmerged_give_the_same_logits_both_ways(trained):
     np.testing.assert_allclose(trained(IDS).numpy(), lora_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_merged_model_is_a_plain_gpt_that_saves_and_loads(trained, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_model_is_a_plain_gpt_that_saves_and_loads(trained, tmp_path, device):
     logits = trained(IDS).numpy()
     plain = lora.merged_model(trained)
     assert not lora.lora_layers(plain) and lora.lora_layers(trained)  # the original keeps LoRA
@@ -222,14 +247,15 @@ def test_merged_model_is_a_plain_gpt_that_saves_and_loads(trained, tmp_path):
     assert set(plain.state_dict()) == set(tiny_gpt().state_dict())
     np.testing.assert_allclose(plain(IDS).numpy(), logits, rtol=1e-5, atol=1e-5)
     save_model(tmp_path / "merged", plain, GPT2Tokenizer())
-    loaded, _, _ = load_model(tmp_path / "merged")
+    loaded, _, _ = load_model(tmp_path / "merged", device)
     np.testing.assert_allclose(loaded(IDS).numpy(), logits, rtol=1e-5, atol=1e-5)
     lora.remove_lora(trained)  # in place
     assert isinstance(trained.h[0].attn.c_attn, Linear) and not hasattr(trained, "lora_config")
 
 
 # -------------------------------------------------------------------------- adapter files
-def test_save_and_load_adapter_round_trip(trained, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_save_and_load_adapter_round_trip(trained, tmp_path, device):
     folder = lora.save_adapter(tmp_path / "adapter", trained, base="some/base")
     assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors",
                                                        "adapter_config.json"]
@@ -238,8 +264,9 @@ def test_save_and_load_adapter_round_trip(trained, tmp_path):
     assert config["targets"] == ["c_attn", "c_proj", "c_fc"] and config["base"] == "some/base"
     assert config["wrapped"] == DEFAULT_NAMES
 
-    fresh = tiny_gpt()
+    fresh = tiny_gpt().to(device)
     assert lora.load_adapter(folder, fresh) == DEFAULT_NAMES
+    assert all(p.device == device for p in fresh.parameters())  # A and B on the model's device
     saved = lora.lora_state_dict(trained)
     assert sorted(saved) == sorted(f"{n}.lora_{w}" for n in DEFAULT_NAMES for w in "AB")
     for name, array in lora.lora_state_dict(fresh).items():
@@ -249,6 +276,7 @@ def test_save_and_load_adapter_round_trip(trained, tmp_path):
     assert fresh.num_params(trainable_only=True) == trained.num_params(trainable_only=True)
 
 
+# misfit and damaged adapters: errors found on the host before any weight moves, CPU only
 def test_an_adapter_of_another_shape_is_a_one_line_error_naming_the_tensor(trained, tmp_path):
     lora.save_adapter(tmp_path / "adapter", trained)
     wider = tiny_gpt(GPTConfig(vocab_size=50257, context_length=16, n_layer=2, n_head=2,
@@ -289,6 +317,7 @@ def test_missing_and_corrupt_adapters_are_clear_errors(trained, tmp_path):
 
 
 # ---------------------------------------------------------------------- Hugging Face PEFT
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_peft_export_loads_with_peft_and_gives_the_same_logits(trained, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -307,7 +336,8 @@ def test_a_peft_export_loads_with_peft_and_gives_the_same_logits(trained, tmp_pa
     np.testing.assert_allclose(theirs, trained(IDS).numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_a_peft_adapter_loads_here_and_gives_the_same_logits(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_peft_adapter_loads_here_and_gives_the_same_logits(tmp_path, device):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
@@ -321,7 +351,7 @@ def test_a_peft_adapter_loads_here_and_gives_the_same_logits(tmp_path):
     with torch.no_grad():
         theirs = model(torch.from_numpy(IDS)).logits.numpy()
 
-    ours, _, _ = load_model(tmp_path / "base")
+    ours, _, _ = load_model(tmp_path / "base", device)
     names = lora.load_adapter(tmp_path / "peft", ours)
     assert names == ["h.0.attn.c_attn", "h.0.mlp.c_fc", "h.1.attn.c_attn", "h.1.mlp.c_fc"]
     assert ours.lora_config.rank == 4 and ours.lora_config.alpha == 8
@@ -329,6 +359,8 @@ def test_a_peft_adapter_loads_here_and_gives_the_same_logits(tmp_path):
 
 
 # ------------------------------------------------------------------------ merge-lora command
+# merge-lora itself runs on the CPU (it has no --device); the adapter is trained on each device
+@pytest.mark.parametrize("device", DEVICES)
 def test_merge_lora_command_writes_a_plain_checkpoint(trained, tmp_path, capsys):
     from tinygrad_llm.train.cli import main
 
@@ -355,6 +387,7 @@ def test_merge_lora_command_writes_a_plain_checkpoint(trained, tmp_path, capsys)
     assert "other files" in capsys.readouterr().err
 
 
+# a misfit is refused on the host before merging: CPU only
 def test_merge_lora_command_refuses_a_misfit_in_one_line(trained, tmp_path, capsys):
     from tinygrad_llm.train.cli import main
 
@@ -370,10 +403,11 @@ def test_merge_lora_command_refuses_a_misfit_in_one_line(trained, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-def test_a_lora_wrapped_lm_head_trains_through_the_models_loss():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_lora_wrapped_lm_head_trains_through_the_models_loss(device):
     backend.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=11, context_length=8, n_layer=1, n_head=1, n_embd=8,
-                          tie_weights=False))
+                          tie_weights=False)).to(device)
     ids = np.array([[1, 2, 3, 4]])
     targets = np.array([[2, 3, 4, 5]])
     expected = F.cross_entropy(model(ids), targets).item()
@@ -381,4 +415,5 @@ def test_a_lora_wrapped_lm_head_trains_through_the_models_loss():
     loss = model.loss(ids, targets)  # the fused head cannot see the LoRA path: unfused here
     assert abs(loss.item() - expected) < 1e-6  # B = 0: the same loss as the base
     loss.backward()
-    assert model.lm_head.lora_B.grad is not None and np.abs(model.lm_head.lora_B.grad).sum() > 0
+    grad = model.lm_head.lora_B.grad
+    assert grad is not None and np.abs(backend.to_numpy(grad)).sum() > 0

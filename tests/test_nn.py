@@ -18,6 +18,7 @@ class TwoLayers(Module):
         return self.drop(self.layers[1](self.layers[0](self.first(x))))
 
 
+# naming and counting parameters is host bookkeeping: CPU only
 def test_parameters_are_named_in_definition_order():
     names = [name for name, _ in TwoLayers().named_parameters()]
     assert names == ["first.weight", "first.bias", "layers.0.weight", "layers.1.weight",
@@ -25,19 +26,22 @@ def test_parameters_are_named_in_definition_order():
     assert TwoLayers().num_params() == 3 * 4 + 4 + 16 + 4 + 4
 
 
-def test_linear_matches_numpy():
-    layer = Linear(3, 2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_matches_numpy(device):
+    layer = Linear(3, 2).to(device)
     x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
-    np.testing.assert_allclose(layer(Tensor(x)).numpy(), x @ layer.weight.data + layer.bias.data,
-                               rtol=1e-6)
+    np.testing.assert_allclose(layer(Tensor(x, device=device)).numpy(),
+                               x @ layer.weight.numpy() + layer.bias.numpy(), rtol=1e-6)
     assert layer.weight.shape == (3, 2)  # (in, out), GPT-2's layout
 
 
-def test_state_dict_round_trip():
-    a, b = TwoLayers(), TwoLayers()
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_dict_round_trip(device):
+    a, b = TwoLayers().to(device), TwoLayers().to(device)
     b.load_state_dict(a.state_dict())
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
-        np.testing.assert_array_equal(p.data, q.data, err_msg=name)
+        assert q.device == device, name
+        np.testing.assert_array_equal(p.numpy(), q.numpy(), err_msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -53,6 +57,7 @@ def test_load_state_dict_moves_numpy_arrays_and_tensors_to_the_models_device(dev
         np.testing.assert_array_equal(p.numpy(), q.numpy(), err_msg=name)
 
 
+# the mismatch check is host logic, done before anything is copied: CPU only
 def test_load_state_dict_names_every_mismatch_and_changes_nothing():
     model = TwoLayers()
     before = model.state_dict()
@@ -71,25 +76,27 @@ def test_load_state_dict_names_every_mismatch_and_changes_nothing():
         np.testing.assert_array_equal(array, before[name])
 
 
-def test_freezing_train_eval_and_dtype():
-    model = TwoLayers()
+@pytest.mark.parametrize("device", DEVICES)
+def test_freezing_train_eval_and_dtype(device):
+    model = TwoLayers().to(device)
     model.first.requires_grad_(False)
     assert model.num_params(trainable_only=True) == model.num_params() - 16
     model.eval()
     assert not model.drop.training and not model.layers.training
-    x = Tensor(np.ones((2, 3), np.float32))
+    x = Tensor(np.ones((2, 3), np.float32), device=device)
     np.testing.assert_array_equal(model(x).numpy(), model(x).numpy())  # no dropout in eval
     model.to(dtype=np.float64)
-    assert all(p.dtype == np.float64 for p in model.parameters())
+    assert all(p.dtype == np.float64 and p.device == device for p in model.parameters())
 
 
-def test_embedding_and_norm_layers():
-    table = Embedding(10, 3)
+@pytest.mark.parametrize("device", DEVICES)
+def test_embedding_and_norm_layers(device):
+    table = Embedding(10, 3).to(device)
     np.testing.assert_array_equal(table(np.array([[1, 1, 9]])).numpy()[0],
-                                  table.weight.data[[1, 1, 9]])
+                                  table.weight.numpy()[[1, 1, 9]])
     x = np.random.default_rng(0).standard_normal((2, 6)).astype(np.float32) * 3 + 1
-    y = LayerNorm(6)(Tensor(x)).numpy()
+    y = LayerNorm(6).to(device)(Tensor(x, device=device)).numpy()
     np.testing.assert_allclose(y.mean(-1), 0, atol=1e-5)
     np.testing.assert_allclose(y.std(-1), 1, atol=1e-3)
-    r = RMSNorm(6)(Tensor(x)).numpy()
+    r = RMSNorm(6).to(device)(Tensor(x, device=device)).numpy()
     np.testing.assert_allclose(np.sqrt((r * r).mean(-1)), 1, atol=1e-3)
