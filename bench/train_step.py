@@ -48,6 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--tf32", action="store_true",
                         help="GPU: float32 matrix products on TF32 tensor cores, in both engines")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timing, time every op's forward and backward over a few "
+                             "more steps and print where a step's time goes")
     return parser.parse_args(argv)
 
 
@@ -68,6 +71,56 @@ def time_steps(step, data, warmup, sync=lambda: None) -> float:
         step(x, y)
     sync()
     return (time.perf_counter() - start) / (len(data) - warmup)
+
+
+def profile_steps(step, data) -> None:
+    """Run ``step`` over ``data`` with a timer around every Function's forward and backward, the
+    optimizer and the clipping; print the ops by total time. The timers add a little overhead
+    (two clock reads per op), so the total is a bit above the step time measured without them."""
+    from tinygrad_llm import optim
+    from tinygrad_llm.tensor import Function
+
+    times: dict[str, float] = {}
+
+    def timed(name, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                times[name] = times.get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    apply = Function.apply.__func__
+
+    def timed_apply(cls, *tensors, **params):
+        start = time.perf_counter()
+        out = apply(cls, *tensors, **params)
+        name = cls.__name__
+        times[name + " forward"] = times.get(name + " forward", 0.0) + time.perf_counter() - start
+        if out._ctx is not None:
+            out._ctx.backward = timed(name + " backward", out._ctx.backward)
+        return out
+
+    saved = Function.apply, optim.AdamW.step
+    Function.apply = classmethod(timed_apply)
+    optim.AdamW.step = timed("AdamW step", optim.AdamW.step)
+    start = time.perf_counter()
+    try:
+        for x, y in data:
+            step(x, y)
+    finally:
+        Function.apply, optim.AdamW.step = saved
+    total = time.perf_counter() - start
+    times["graph walk, clipping and the rest"] = total - sum(times.values())
+    blas = sum(t for name, t in times.items() if name.split()[0] in ("Linear", "MatMul"))
+    head = sum(t for name, t in times.items() if name.startswith("LinearCrossEntropy"))
+    print(f"\nprofile over {len(data)} steps: {1000 * total / len(data):.0f} ms per step; "
+          f"matrix products (Linear, MatMul) {100 * blas / total:.0f}%, the fused LM head and "
+          f"loss {100 * head / total:.0f}%, the rest {100 * (total - blas - head) / total:.0f}%")
+    print(f"{'op':<40} {'ms/step':>8} {'share':>6}")  # the top ops first
+    for name, seconds in sorted(times.items(), key=lambda item: -item[1]):
+        print(f"{name:<40} {1000 * seconds / len(data):>8.1f} {100 * seconds / total:>5.1f}%")
 
 
 def bench_ours(args, data) -> float:
@@ -92,7 +145,10 @@ def bench_ours(args, data) -> float:
     sync = lambda: None  # noqa: E731
     if backend.normalize_device(args.device) == "cuda":
         sync = backend.array_module("cuda").cuda.Device().synchronize
-    return time_steps(step, data, args.warmup, sync)
+    seconds = time_steps(step, data, args.warmup, sync)
+    if args.profile:
+        profile_steps(step, data[args.warmup:])
+    return seconds
 
 
 def bench_torch(args, data) -> float:
