@@ -19,7 +19,7 @@ GPT2_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+
 
 
 @functools.lru_cache(maxsize=1)
-def _gpt2_encoding():
+def gpt2_encoding():
     """The tiktoken Encoding for GPT-2, built from the vendored ranks (never downloads)."""
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
@@ -40,7 +40,7 @@ class GPT2Tokenizer:
     eot_token = 50256
 
     def __init__(self):
-        self._encoding = _gpt2_encoding()
+        self._encoding = gpt2_encoding()
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Ids of ``text``; ``<|endoftext|>`` becomes 50256 unless ``allow_special=False``."""

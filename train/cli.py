@@ -1,5 +1,6 @@
 """The `tinygrad-llm` command: one sub-command per job.
 
+    tinygrad-llm prepare    --data FILES --out TOKENS_DIR     tokenize a corpus larger than memory
     tinygrad-llm pretrain   [options]     train a GPT (default: characters of Shakespeare)
     tinygrad-llm generate   --checkpoint DIR --prompt "..."   (this project's or HF GPT-2)
     tinygrad-llm chat       --checkpoint DIR                  chat in the terminal
@@ -32,6 +33,7 @@ from tinygrad_llm.train import (
     finetune_dpo,
     finetune_instruct,
     merge_lora,
+    prepare,
     pretrain,
     sample,
     serve,
@@ -39,6 +41,7 @@ from tinygrad_llm.train import (
 from tinygrad_llm.train.options import HelpFormatter, UserError, given_flags
 
 COMMANDS = {
+    "prepare": (prepare, "tokenize a corpus larger than memory into token files"),
     "pretrain": (pretrain, "pretrain a GPT on a text corpus"),
     "generate": (sample, "generate text from a checkpoint"),
     "chat": (chat, "chat with a model in the terminal"),

@@ -5,6 +5,7 @@
     tinygrad-llm pretrain --out run --resume               # continue an interrupted run
     tinygrad-llm pretrain --init-from base --data my_texts/ --out more
                                                            # continued pretraining on new text
+    tinygrad-llm pretrain --tokens tokens/ --out big       # a corpus made by `prepare`
 
 --resume restores everything from the run folder: the corpus, tokenizer, model, every training
 setting, the optimizer and the data position. Only --steps (to train longer), --device, --tf32
@@ -25,6 +26,7 @@ from tinygrad_llm.loading import build_model, check_finite, load_model
 from tinygrad_llm.models.gpt import PRESETS, preset
 from tinygrad_llm.nn import Dropout
 from tinygrad_llm.plotting import INSTALL_HINT
+from tinygrad_llm.prepare import load_prepared
 from tinygrad_llm.tokenizer import get_tokenizer, tokenizer_from_config
 from tinygrad_llm.train.options import (
     UserError,
@@ -51,8 +53,12 @@ MODEL_FLAGS = ("preset", "n_layer", "n_head", "n_embd", "context_length", "tie_w
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default=str(SHAKESPEARE),
-                      help="a .txt file or a folder of them (default: bundled Shakespeare)")
+    corpus = data.add_mutually_exclusive_group()
+    corpus.add_argument("--data", default=str(SHAKESPEARE),
+                        help="a .txt file or a folder of them (default: bundled Shakespeare)")
+    corpus.add_argument("--tokens", metavar="TOKENS_DIR",
+                        help="a folder made by `tinygrad-llm prepare` (read from disk as "
+                             "needed; its meta.json sets the tokenizer and the split)")
     data.add_argument("--tokenizer", choices=["char", "gpt2"], default="char",
                       help="characters of the corpus, or GPT-2's BPE (50,257 tokens)")
     data.add_argument("--val-fraction", type=open_fraction, default=0.1,
@@ -161,10 +167,13 @@ def resume_run(args, out: Path):
                       f"{getattr(config, field)})"
                       for flag, field in TRAIN_FLAGS.items()
                       if flag in given and getattr(args, flag) != getattr(config, field)]
-    for flag in ("data", "tokenizer", "val_fraction"):
-        if flag in given and str(getattr(args, flag)) != str(run[flag]):
+    for flag in ("data", "tokens", "tokenizer", "val_fraction"):
+        value = getattr(args, flag)
+        if flag == "tokens" and value is not None:
+            value = Path(value).resolve()  # the run saved it resolved
+        if flag in given and str(value) != str(run.get(flag)):
             contradictions.append(f"{_flag(flag)} {getattr(args, flag)} (the run has "
-                                  f"{run[flag]})")
+                                  f"{run.get(flag, 'none')})")
     contradictions += model_conflicts(args, given, saved["model"], "the run",
                                       with_dropout=True)
     if contradictions:
@@ -194,8 +203,9 @@ def set_dropout(model, p: float) -> None:
             module.dropout = p  # attention's dropout on its weights
 
 
-def new_run(args):
-    """Model and tokenizer of a new run: from scratch, or --init-from an existing model."""
+def new_run(args, prepared: dict | None = None):
+    """Model and tokenizer of a new run: from scratch, or --init-from an existing model.
+    ``prepared``: the meta.json of --tokens, which fixes the tokenizer."""
     backend.manual_seed(args.seed)
     given = getattr(args, "given", set())
     if args.init_from:
@@ -211,7 +221,12 @@ def new_run(args):
         if "dropout" in given:
             set_dropout(model, args.dropout)
         return model, tokenizer
-    if args.tokenizer == "char":
+    if prepared is not None:
+        tokenizer = tokenizer_from_config(prepared["tokenizer"])
+        if "tokenizer" in given and args.tokenizer != tokenizer.name:
+            raise UserError(f"--tokenizer {args.tokenizer}: {args.tokens} was prepared with the "
+                            f"{tokenizer.name!r} tokenizer; drop --tokenizer")
+    elif args.tokenizer == "char":
         tokenizer = get_tokenizer("char", "".join(read_corpus(args.data)))
     else:
         tokenizer = get_tokenizer("gpt2")
@@ -221,23 +236,38 @@ def new_run(args):
 
 def run(args) -> int:
     start_time = time.perf_counter()
-    out = check_out_folder(args.out, inputs=[args.init_from, args.data], resume=args.resume,
-                           overwrite=args.overwrite)
+    out = check_out_folder(args.out, inputs=[args.init_from, args.data, args.tokens],
+                           resume=args.resume, overwrite=args.overwrite)
     checkpoint = None
     if args.resume:
         model, tokenizer, config, checkpoint, saved_run = resume_run(args, out)
-        data, val_fraction = saved_run["data"], saved_run["val_fraction"]
+        tokens_dir = saved_run.get("tokens")  # a run on a prepared folder finds it again
+        data, val_fraction = saved_run.get("data"), saved_run["val_fraction"]
     else:
-        model, tokenizer = new_run(args)
+        tokens_dir = args.tokens and Path(args.tokens).resolve()
+        if tokens_dir and "val_fraction" in getattr(args, "given", set()):
+            raise UserError(f"--val-fraction: the split of --tokens {args.tokens} was made by "
+                            "`prepare` (its --val-fraction); drop the flag")
+        prepared = load_prepared(tokens_dir)[0] if tokens_dir else None
+        model, tokenizer = new_run(args, prepared)
         config, data, val_fraction = train_config(args), args.data, args.val_fraction
-    train_tokens, val_tokens = cached_token_files(data, tokenizer, out / "data", val_fraction)
+    if tokens_dir:
+        meta, train_tokens, val_tokens = load_prepared(tokens_dir)
+        if meta["tokenizer"] != tokenizer.to_config():
+            raise UserError(f"the tokens in {tokens_dir} were made by another tokenizer "
+                            f"({meta['tokenizer']['type']}) than the model's ({tokenizer.name}, "
+                            f"{tokenizer.vocab_size} tokens); prepare the corpus again")
+        data, val_fraction = str(tokens_dir), meta["val_fraction"]
+        run_info = {"tokens": data, "tokenizer": tokenizer.name, "val_fraction": val_fraction}
+    else:
+        train_tokens, val_tokens = cached_token_files(data, tokenizer, out / "data", val_fraction)
+        run_info = {"data": str(data), "tokenizer": tokenizer.name, "val_fraction": val_fraction}
     context = model.config.context_length
     for split, tokens in (("training", train_tokens), ("validation", val_tokens)):
         if len(tokens) < context + 1:
             raise UserError(f"the {split} split of {data} has {len(tokens)} tokens, fewer than "
                             f"one window of {context} + 1; use more text, a smaller "
                             "--context-length or another --val-fraction")
-    run_info = {"data": str(data), "tokenizer": tokenizer.name, "val_fraction": val_fraction}
     task = LanguageModelingTask(tokenizer, train_tokens, val_tokens, context, config,
                                 extra={"run": run_info})  # what --resume needs to find the data
     trainer = Trainer(model, task, config, out, show_progress=not args.quiet)
