@@ -109,3 +109,22 @@ def test_bfloat16_and_unknown_dtypes_are_clear_errors():
         PretrainConfig(dtype="bfloat16")
     with pytest.raises(ValueError, match="float32 or float16"):
         PretrainConfig(dtype="float8")
+
+
+def test_pretrain_dtype_float16_saves_its_loss_scale_and_resumes(tmp_path):
+    from tinygrad_llm.checkpoint import load_checkpoint
+    from tinygrad_llm.train.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    out = tmp_path / "run"
+    tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--context-length", "16",
+            "--batch-size", "2", "--eval-interval", "2", "--eval-batches", "1",
+            "--sample-tokens", "0", "--quiet", "--data", str(corpus), "--out", str(out)]
+    assert main(["pretrain", "--steps", "2", "--dtype", "float16", *tiny]) == 0
+    saved = load_checkpoint(out / "checkpoint")
+    assert saved["config"]["train"]["dtype"] == "float16"
+    assert saved["state"]["loss_scaler"] == {"scale": 2.0 ** 16, "good_steps": 2}
+    assert main(["pretrain", "--steps", "4", "--resume", *tiny]) == 0  # stays float16
+    saved = load_checkpoint(out / "checkpoint")
+    assert saved["state"]["loss_scaler"]["good_steps"] == 4

@@ -8,8 +8,8 @@
     tinygrad-llm pretrain --tokens tokens/ --out big       # a corpus made by `prepare`
 
 --resume restores everything from the run folder: the corpus, tokenizer, model, every training
-setting, the optimizer and the data position. Only --steps (to train longer), --device, --tf32
-and --quiet may change; any other flag that contradicts the saved run is an error.
+setting, the optimizer and the data position. Only --steps (to train longer), --device, --tf32,
+--dtype and --quiet may change; any other flag that contradicts the saved run is an error.
 """
 
 from __future__ import annotations
@@ -102,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--seed", type=nonnegative_int, default=DEFAULTS.seed,
                        help="seeds initialisation, batches and dropout")
     add_device_arguments(train)
+    train.add_argument("--dtype", choices=["float32", "float16"], default=DEFAULTS.dtype,
+                       help="float16: mixed precision on a GPU (float16 products, float32 "
+                            "weights, dynamic loss scaling)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default="runs/pretrain",
                      help="run folder: metrics.jsonl, loss.png, checkpoint/, data/")
@@ -117,8 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_config(args) -> PretrainConfig:
-    return PretrainConfig(max_steps=args.steps, **{field: getattr(args, flag)
-                                                   for flag, field in TRAIN_FLAGS.items()})
+    return PretrainConfig(max_steps=args.steps, dtype=args.dtype,
+                          **{field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()})
 
 
 def model_config(args, vocab_size: int):
@@ -186,6 +189,8 @@ def resume_run(args, out: Path):
         print(f"--steps: training to step {args.steps} instead of {config.max_steps} (the "
               "learning-rate schedule stretches to the new length)", file=sys.stderr)
         config.max_steps = args.steps
+    if "dtype" in given:  # like --device, the precision may change between sessions
+        config.dtype = args.dtype
     tokenizer = tokenizer_from_config(saved["tokenizer"])
     model = build_model(saved["model"], f"{out / 'checkpoint' / 'config.json'}")
     model.load_state_dict(checkpoint["weights"])
