@@ -47,6 +47,10 @@ def parse_args(argv=None):
                              "loss scaling), PyTorch bfloat16 autocast")
     parser.add_argument("--tf32", action="store_true",
                         help="GPU: float32 matrix products on TF32 tensor cores, in both engines")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="ours: split products and elementwise work over this many threads "
+                             "(BLAS on one thread each); PyTorch: torch.set_num_threads. "
+                             "Default: NumPy and BLAS as they come; PyTorch's default")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--profile", action="store_true",
                         help="after the timing, time every op's forward and backward over a few "
@@ -156,6 +160,8 @@ def bench_torch(args, data) -> float:
     import torch.nn as nn
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cuda" if backend.normalize_device(args.device) == "cuda" else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # PyTorch's default is off
 
@@ -228,6 +234,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     tuned = backend.tune_cpu_allocator()  # reuse freed buffers warm, as `tinygrad-llm` does
     backend.set_tf32(args.tf32)
+    if args.threads:
+        backend.set_num_threads(args.threads)  # as `tinygrad-llm --threads` does
     data = batches(args, args.warmup + args.steps)
     tokens = args.batch_size * args.context_length
     params = (12 * args.n_layer * args.n_embd ** 2
@@ -236,7 +244,10 @@ def main(argv=None) -> None:
           f"{args.context_length}, batch {args.batch_size}, vocab {args.vocab_size} "
           f"(~{params / 1e6:.2f}M params), device {args.device}, {args.dtype}"
           f"{' (PyTorch: bfloat16 autocast)' * (args.dtype == 'float16')}{', TF32' * args.tf32}")
-    print(f"numpy {np.__version__}, BLAS: {blas_kernel()}, CPU allocator tuned: {tuned}")
+    print(f"numpy {np.__version__}, BLAS: {blas_kernel()}, CPU allocator tuned: {tuned}; "
+          + (f"threads: {args.threads} (the library splits products and elementwise work over "
+             "them; BLAS on one thread per call)" if args.threads else
+             "threads: NumPy's elementwise on one, BLAS on its own"))
     ours = tokens / bench_ours(args, data)
     print(f"tokens_per_s={ours:.1f}")
     if args.no_torch:

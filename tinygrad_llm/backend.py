@@ -192,6 +192,105 @@ def scatter_add(target, indices, values) -> None:
         cupyx.scatter_add(target, indices, values)
 
 
+# ------------------------------------------------------------------ threads on the CPU
+# NumPy runs each ufunc on one core. Its BLAS (OpenBLAS) has threads of its own for matrix
+# products, but they spin for a while after each product, waiting for the next -- stealing the
+# cores from whatever runs next, which in a training step is elementwise work. So once
+# ``set_num_threads`` is called (the ``tinygrad-llm`` command and the bench scripts do), BLAS runs
+# on one thread and the library splits its own work instead -- the rows of a matrix product, the
+# rows of an elementwise or row-wise op, the sequences of a batch in attention -- over a pool of
+# threads that sleep while idle. NumPy and BLAS release the GIL while they compute, so the
+# blocks really run at once, on every core, as PyTorch's one OpenMP pool does. Without the call,
+# everything runs as plain NumPy, on one thread (and BLAS on its own threads).
+PARALLEL_MIN_ELEMENTS = 1 << 15  # below this, handing work to threads costs more than it saves
+_threads = 1  # set_num_threads
+_pool = None
+
+
+def default_threads() -> int:
+    """OMP_NUM_THREADS when set, else every core this process may run on."""
+    from_env = os.environ.get("OMP_NUM_THREADS", "")
+    if from_env.isdigit() and int(from_env) > 0:
+        return int(from_env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def num_threads() -> int:
+    """The threads the library splits CPU work over (1 until ``set_num_threads``)."""
+    return _threads
+
+
+def set_num_threads(threads: int | None = None) -> int:
+    """Split CPU work over ``threads`` threads (default: ``default_threads()``), with BLAS on one
+    thread each. Returns the number used."""
+    global _threads, _pool
+    threads = default_threads() if threads is None else int(threads)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    from threadpoolctl import threadpool_limits  # finds whichever BLAS NumPy loaded
+
+    threadpool_limits(1, user_api="blas")  # the library splits the products itself
+    if _pool is not None:
+        _pool.shutdown()
+        _pool = None
+    _threads = threads
+    return threads
+
+
+def _split(body, arrays, count: int, work: int) -> None:
+    """body(*blocks) over ``num_threads()`` ranges of axis 0 of ``arrays``, at once."""
+    global _pool
+    threads = min(_threads, count)
+    if threads < 2 or work < PARALLEL_MIN_ELEMENTS or get_array_module(arrays[0]) is not np:
+        body(*arrays)
+        return
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(_threads - 1, thread_name_prefix="tinygrad-llm")
+    bounds = np.linspace(0, count, threads + 1).astype(int)
+    blocks = [[a[lo:hi] for a in arrays] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    others = [_pool.submit(body, *block) for block in blocks[1:]]
+    try:
+        body(*blocks[0])  # this thread takes the first block
+    finally:
+        for done in others:
+            done.result()  # waits, and raises what a block raised
+
+
+def parallel_rows(body, *arrays) -> None:
+    """Run ``body(*blocks)`` on blocks of rows of ``arrays``, one block per thread, at once.
+
+    arrays: NumPy arrays whose leading dimensions agree, e.g. x (..., C), out (..., C) and
+    rstd (..., 1); each is seen as (N, C) and the N rows are split. Outputs must be
+    C-contiguous (their blocks are views that ``body`` writes through); arrays every row shares,
+    like a weight, reach ``body`` by closure. On a GPU, with one thread, or for small arrays:
+    ``body(*arrays)``, once.
+    """
+    first = arrays[0]
+    rows = first.size // first.shape[-1] if first.ndim and first.shape[-1] else 1
+    _split(body, [a.reshape(rows, -1) for a in arrays], rows, first.size)
+
+
+def parallel_batches(body, *arrays, work: int | None = None) -> None:
+    """Like ``parallel_rows``, but split along axis 0 as it is (the sequences of a batch (B, ...)).
+    ``work``: elements of work, for the small-array cut-off (default: the first array's size)."""
+    _split(body, arrays, len(arrays[0]), arrays[0].size if work is None else work)
+
+
+def matmul(a, b, out=None):
+    """a @ b for a (N, K) and b (K, M) -> (N, M), the rows of ``a`` split over the threads."""
+    xp = get_array_module(a)
+    if out is None:
+        out = xp.empty((a.shape[0], b.shape[1]), np.result_type(a.dtype, b.dtype))
+    parallel_batches(lambda rows, into: xp.matmul(rows, b, out=into), a, out,
+                     work=a.shape[0] * b.shape[1] * max(1, a.shape[1] // 16))
+    return out
+
+
 def tune_cpu_allocator() -> bool:
     """Let glibc keep freed array buffers for reuse instead of handing them back to the OS.
 

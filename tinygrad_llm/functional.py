@@ -225,31 +225,49 @@ class GELU(Function):
         if cuda_kernels.enabled(xp, x):  # one GPU kernel; its backward recomputes tanh
             self.x, self.t = x, None
             return cuda_kernels.gelu_forward(x)
-        inner = x * x  # building u = c x (1 + a x^2) in one buffer
-        inner *= GELU_A * GELU_C
-        inner += GELU_C
-        inner *= x
-        t = xp.tanh(inner, out=inner)
+        x = xp.ascontiguousarray(x)
+        t, y = xp.empty_like(x), xp.empty_like(x)
+        backend.parallel_rows(_gelu_forward_rows, x, t, y)  # blocks of rows on every core
         self.x, self.t = x, t
-        y = t + 1
-        y *= x
-        y *= 0.5
         return y
 
     def backward(self, g):
-        # dy/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2),   t = tanh(u)
         x, t = self.x, self.t
         if t is None:
             return cuda_kernels.gelu_backward(x, g)
-        du = x * x
-        du *= 3 * GELU_A * GELU_C
-        du += GELU_C
-        du *= 1 - t * t
-        du *= x
-        du += 1 + t
-        du *= 0.5
-        du *= g
-        return du
+        xp = get_xp(x)
+        dx = xp.empty_like(x)
+        backend.parallel_rows(_gelu_backward_rows, x, t, xp.ascontiguousarray(g), dx)
+        return dx
+
+
+def _gelu_forward_rows(x, t, y) -> None:
+    """GELU of a block: t = tanh(u), u = c x (1 + a x^2), and y = x/2 (1 + t), written in place."""
+    xp = get_xp(x)
+    xp.multiply(x, x, out=t)  # building u in t
+    t *= GELU_A * GELU_C
+    t += GELU_C
+    t *= x
+    xp.tanh(t, out=t)
+    xp.add(t, 1, out=y)
+    y *= x
+    y *= 0.5
+
+
+def _gelu_backward_rows(x, t, g, dx) -> None:
+    """dx = g dy/dx of a block, dy/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2)."""
+    xp = get_xp(x)
+    square = xp.multiply(t, t)  # 1 - t^2 = 1 - tanh(u)^2, the derivative of tanh
+    xp.subtract(1, square, out=square)
+    xp.multiply(x, x, out=dx)  # du/dx = c (1 + 3 a x^2)
+    dx *= 3 * GELU_A * GELU_C
+    dx += GELU_C
+    dx *= square
+    dx *= x
+    dx += t
+    dx += 1
+    dx *= 0.5
+    dx *= g
 
 
 class SiLU(Function):
@@ -333,9 +351,10 @@ class Linear(Function):
         self.x, self.weight, self.has_bias = x, weight, bias is not None
         # all leading positions as the rows of one matrix: one large GEMM instead of a batch of
         # small ones (NumPy loops over the batch of a 3-D @ 2-D product)
-        y = x.reshape(-1, x.shape[-1]) @ weight  # (N, in) @ (in, out) -> (N, out)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = backend.matmul(x2, weight)  # (N, in) @ (in, out) -> (N, out), rows over the threads
         if bias is not None:
-            y += bias
+            backend.parallel_rows(lambda rows: rows.__iadd__(bias), y)
         return y.reshape(x.shape[:-1] + (weight.shape[1],))
 
     def backward(self, g):
@@ -344,10 +363,10 @@ class Linear(Function):
         g2 = g.reshape(-1, g.shape[-1]).astype(weight.dtype, copy=False)  # (N, out)
         x_dtype, w_dtype, b_dtype = self.dtypes
         gx = gw = gb = None
-        if self.needs_input_grad[0]:
-            gx = (g2 @ weight.T).reshape(x.shape).astype(x_dtype, copy=False)
-        if self.needs_input_grad[1]:
-            gw = (x.reshape(-1, x.shape[-1]).T @ g2).astype(w_dtype, copy=False)
+        if self.needs_input_grad[0]:  # (N, out) @ (out, in): the rows of g over the threads
+            gx = backend.matmul(g2, weight.T).reshape(x.shape).astype(x_dtype, copy=False)
+        if self.needs_input_grad[1]:  # (in, N) @ (N, out): the rows of x^T (inputs) split
+            gw = backend.matmul(x.reshape(-1, x.shape[-1]).T, g2).astype(w_dtype, copy=False)
         if not self.has_bias:
             return gx, gw
         if self.needs_input_grad[2]:

@@ -24,6 +24,7 @@ them in range is the caller's responsibility.
 from __future__ import annotations
 
 import builtins
+import functools
 import math
 
 import numpy as np
@@ -175,40 +176,36 @@ class LinearCrossEntropy(Function):
         self.gw = xp.zeros_like(weight) if need_w else None
         self.gb = xp.zeros_like(bias) if need_b else None
         total = xp.zeros((), xp.float64)  # summed on the device, chunk by chunk
+        need_grad = need_x or need_w or need_b
         for start in range(0, len(x2), chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = x2[rows] @ weight  # (n, C) @ (C, V) -> (n, V)
-            if bias is not None:
-                logits += bias
+            logits = backend.matmul(x2[rows], weight)  # (n, C) @ (C, V) -> (n, V)
             counted = valid[rows]
             picked = xp.where(counted, targets[rows], 0)  # ignored rows read class 0
+            # d loss / d logits = (softmax - onehot) / count on counted rows, 0 elsewhere
+            weight_of_row = (counted / count).astype(logits.dtype)
             if cuda_kernels.enabled(xp, logits):  # the loss and d loss / d logits, one kernel
-                weight_of_row = counted / count
+                if bias is not None:
+                    logits += bias
                 total += cuda_kernels.cross_entropy_rows(logits, picked, weight_of_row).sum()
+            else:
+                losses = xp.empty(len(picked), logits.dtype)  # (n,) log sum exp - target logit
+                rows_of = functools.partial(_cross_entropy_rows, bias=bias, gradient=need_grad)
+                backend.parallel_rows(rows_of, logits, picked, weight_of_row, losses)
+                total += (losses * counted).sum()
+            if need_grad:  # logits now hold d loss / d logits
                 self._chunk_backward(x2, weight, logits, rows, need_x, need_w, need_b)
-                continue
-            index = xp.arange(len(picked))
-            logits -= logits.max(axis=1, keepdims=True)  # loss_i = log sum exp - target logit
-            target_logit = logits[index, picked]
-            probs = xp.exp(logits, out=logits)
-            sums = sum_last(probs)  # (n, 1)
-            total += ((xp.log(sums[:, 0]) - target_logit) * counted).sum()
-            if need_x or need_w or need_b:
-                # d loss / d logits = (softmax - onehot) / count on counted rows, 0 elsewhere
-                weight_of_row = (counted / count).astype(probs.dtype)[:, None]
-                probs *= weight_of_row / sums
-                probs[index, picked] -= weight_of_row[:, 0]
-                self._chunk_backward(x2, weight, probs, rows, need_x, need_w, need_b)
         return mean_of_counted(total, valid).astype(x.dtype)
 
     def _chunk_backward(self, x2, weight, dlogits, rows, need_x, need_w, need_b) -> None:
         """A chunk's share of dx, dW and db, from d loss / d logits (n, V) of its rows."""
         if need_x:
-            self.gx[rows] = dlogits @ weight.T  # (n, V) @ (V, C)
+            backend.matmul(dlogits, weight.T, out=self.gx[rows])  # (n, V) @ (V, C)
         if need_w:
-            self.gw += x2[rows].T @ dlogits  # (C, n) @ (n, V)
+            self.gw += backend.matmul(x2[rows].T, dlogits)  # (C, n) @ (n, V)
         if need_b:
             self.gb += sum_leading(dlogits)
+
 
     def backward(self, g):
         # every gradient was computed for d loss = 1; the chain rule scales it by g
@@ -217,6 +214,24 @@ class LinearCrossEntropy(Function):
         if not self.has_bias:
             return gx, gw
         return gx, gw, (None if self.gb is None else self.gb * g)
+
+
+def _cross_entropy_rows(logits, picked, weight_of_row, losses, *, bias, gradient) -> None:
+    """Loss of a block of rows of logits (n, V), and (with ``gradient``) d loss / d logits in
+    place of the logits: weight_of_row * (softmax - onehot(picked))."""
+    xp = get_xp(logits)
+    picked, weight_of_row, losses = picked[:, 0], weight_of_row[:, 0], losses[:, 0]
+    if bias is not None:
+        logits += bias
+    index = xp.arange(len(picked))
+    logits -= logits.max(axis=1, keepdims=True)  # loss_i = log sum exp - target logit
+    target_logit = logits[index, picked]
+    probs = xp.exp(logits, out=logits)
+    sums = sum_last(probs)  # (n, 1)
+    losses[:] = xp.log(sums[:, 0]) - target_logit
+    if gradient:
+        probs *= weight_of_row[:, None] / sums
+        probs[index, picked] -= weight_of_row
 
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, targets, bias: Tensor | None = None,
@@ -274,34 +289,53 @@ class LayerNorm(Function):
         if self.fused:  # the lines below as one GPU kernel, one block per row
             y, self.xhat, self.rstd = cuda_kernels.layer_norm_forward(x, weight, bias, eps)
             return y
-        width = x.shape[-1]
-        xhat = x - sum_last(x) / width  # centered, (..., C)
-        rstd = 1 / xp.sqrt(dot_last(xhat, xhat) / width + eps)  # (..., 1)
-        xhat *= rstd  # normalized input
+        x = xp.ascontiguousarray(x)
+        xhat, y = xp.empty_like(x), xp.empty_like(x)
+        rstd = xp.empty(x.shape[:-1] + (1,), x.dtype)
+        rows = functools.partial(_layer_norm_rows, weight=weight, bias=bias, eps=eps)
+        backend.parallel_rows(rows, x, xhat, rstd, y)  # blocks of rows on every core
         self.xhat, self.rstd = xhat, rstd
-        y = xhat * weight
-        if bias is not None:
-            y += bias
         return y
 
     def backward(self, g):
         # with gx̂ = g * w and averages over the C features:
         #   dx = rstd * (gx̂ - mean(gx̂) - x̂ * mean(gx̂ * x̂)),  dw = sum(g * x̂),  db = sum(g)
         xhat, rstd = self.xhat, self.rstd
-        width = xhat.shape[-1]
+        xp = get_xp(xhat)
+        g = xp.ascontiguousarray(g)
         gx = None
         if self.needs_input_grad[0] and self.fused:
             gx = cuda_kernels.layer_norm_backward(g, xhat, self.weight, rstd)
         elif self.needs_input_grad[0]:
-            gx = g * self.weight  # gx̂, (..., C)
-            correction = xhat * (dot_last(gx, xhat) / width)  # the path through the variance
-            correction += sum_last(gx) / width  # the path through the mean
-            gx -= correction
-            gx *= rstd
+            gx = xp.empty_like(g)
+            rows = functools.partial(_layer_norm_backward_rows, weight=self.weight)
+            backend.parallel_rows(rows, g, xhat, rstd, gx)
         gw = sum_leading(g * xhat) if self.needs_input_grad[1] else None
         if not self.has_bias:
             return gx, gw
         return gx, gw, (sum_leading(g) if self.needs_input_grad[2] else None)
+
+
+def _layer_norm_rows(x, xhat, rstd, y, *, weight, bias, eps) -> None:
+    """Layer norm of a block of rows (N, C), written into xhat, rstd (N, 1) and y."""
+    xp = get_xp(x)
+    width = x.shape[-1]
+    xp.subtract(x, sum_last(x) / width, out=xhat)  # centered
+    rstd[...] = 1 / xp.sqrt(dot_last(xhat, xhat) / width + eps)  # 1 / std of each row
+    xhat *= rstd  # normalized
+    xp.multiply(xhat, weight, out=y)
+    if bias is not None:
+        y += bias
+
+
+def _layer_norm_backward_rows(g, xhat, rstd, gx, *, weight) -> None:
+    """dx of a block of rows: rstd * (gx̂ - mean(gx̂) - x̂ * mean(gx̂ * x̂)), gx̂ = g * w."""
+    width = xhat.shape[-1]
+    get_xp(g).multiply(g, weight, out=gx)  # gx̂
+    correction = xhat * (dot_last(gx, xhat) / width)  # the path through the variance
+    correction += sum_last(gx) / width  # the path through the mean
+    gx -= correction
+    gx *= rstd
 
 
 class RMSNorm(Function):
@@ -383,25 +417,34 @@ class ScaledDotProductAttention(Function):
     def forward(self, q, k, v, mask, dropout_p, device):
         # reference: out = softmax(q @ k^T / sqrt(D) + mask) @ v, with dropout on the softmax
         xp = get_xp(q)
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        self.scale = scale = 1.0 / math.sqrt(q.shape[-1])
         q = q * scale  # scaling q (T x D) is cheaper than scaling the scores (T x T)
-        scores = q @ k.swapaxes(-1, -2)  # (B, H, Tq, D) @ (B, H, D, Tk) -> (B, H, Tq, Tk)
-        if mask is not None:
-            # float16 scores (mixed precision) meet a float32 mask: the softmax runs in float32,
-            # where the mask's minimum exists, as PyTorch's autocast runs softmax in float32
-            scores = scores.astype(np.promote_types(scores.dtype, mask.dtype), copy=False)
-            scores += mask  # additive: 0 = may attend, the float minimum = blocked
-        # softmax over the keys, in place
-        scores -= scores.max(axis=-1, keepdims=True)
-        probs = xp.exp(scores, out=scores)
-        probs *= 1 / sum_last(probs)
-        self.keep = None
-        if dropout_p > 0:  # dropout on the attention weights (GPT-2's attn_pdrop)
-            self.keep = _dropout_keep(probs.shape, dropout_p, probs.dtype, device)
-            out = (probs * self.keep) @ v
-        else:
-            out = probs @ v  # (B, H, Tq, Tk) @ (B, H, Tk, D) -> (B, H, Tq, D)
-        self.q, self.k, self.v, self.probs, self.scale, self.out = q, k, v, probs, scale, out
+        # float16 scores (mixed precision) meet a float32 mask: the softmax runs in float32,
+        # where the mask's minimum exists, as PyTorch's autocast runs softmax in float32
+        dtype = q.dtype if mask is None else np.promote_types(q.dtype, mask.dtype)
+        probs = xp.empty(q.shape[:-1] + (k.shape[-2],), dtype)  # (B, H, Tq, Tk)
+        out = xp.empty(q.shape[:-1] + (v.shape[-1],), np.promote_types(dtype, v.dtype))
+        self.keep = None  # dropout on the attention weights (GPT-2's attn_pdrop), drawn at once
+        if dropout_p > 0:
+            self.keep = _dropout_keep(probs.shape, dropout_p, dtype, device)
+        # the sequences of the batch are independent: a block of them per thread
+        split_mask = mask is not None and mask.ndim == 4 and mask.shape[0] == q.shape[0] > 1
+        optional = [a for a in (self.keep, mask if split_mask else None) if a is not None]
+
+        def sequences(q, k, v, probs, out, *rest):
+            keep = rest[0] if self.keep is not None else None
+            block_mask = rest[-1] if split_mask else mask
+            xp.matmul(q, k.swapaxes(-1, -2), out=probs)  # (.., Tq, D) @ (.., D, Tk): scores
+            if block_mask is not None:
+                probs += block_mask  # additive: 0 = may attend, the float minimum = blocked
+            probs -= probs.max(axis=-1, keepdims=True)  # softmax over the keys, in place
+            xp.exp(probs, out=probs)
+            probs *= 1 / sum_last(probs)
+            dropped = probs if keep is None else probs * keep
+            xp.matmul(dropped, v, out=out)  # (.., Tq, Tk) @ (.., Tk, D) -> (.., Tq, D)
+
+        backend.parallel_batches(sequences, q, k, v, probs, out, *optional, work=probs.size)
+        self.q, self.k, self.v, self.probs, self.out = q, k, v, probs, out
         return out
 
     def backward(self, g):
@@ -409,17 +452,26 @@ class ScaledDotProductAttention(Function):
         # softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(g * out)
         # (the FlashAttention identity: sum_j P_ij dP_ij = g_i . out_i), then with scores
         # S = (s q) k^T:  dq = s dS k,  dk = dS^T (s q)
-        q, k, v, probs, keep = self.q, self.k, self.v, self.probs, self.keep
-        dropped = probs if keep is None else probs * keep
-        dv = dropped.swapaxes(-1, -2) @ g  # (B, H, Tk, Tq) @ (B, H, Tq, D) -> (B, H, Tk, D)
-        dscores = g @ v.swapaxes(-1, -2)  # (B, H, Tq, Tk)
-        if keep is not None:
-            dscores *= keep
-        dscores -= dot_last(g, self.out)
-        dscores *= probs
-        dq = dscores @ k  # (B, H, Tq, D)
-        dq *= self.scale
-        dk = dscores.swapaxes(-1, -2) @ q  # (B, H, Tk, D); q is already scaled
+        xp = get_xp(g)
+        q, k, v = self.q, self.k, self.v
+        dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
+        optional = [] if self.keep is None else [self.keep]
+
+        def sequences(q, k, v, probs, out, g, dq, dk, dv, *keep):
+            dropped = probs * keep[0] if keep else probs
+            xp.matmul(dropped.swapaxes(-1, -2), g, out=dv)  # (.., Tk, Tq) @ (.., Tq, D)
+            dscores = g @ v.swapaxes(-1, -2)  # (.., Tq, Tk)
+            if keep:
+                dscores *= keep[0]
+            dscores -= dot_last(g, out)
+            dscores *= probs
+            xp.matmul(dscores, k, out=dq)  # (.., Tq, D)
+            dq *= self.scale
+            xp.matmul(dscores.swapaxes(-1, -2), q, out=dk)  # (.., Tk, D); q is already scaled
+
+        backend.parallel_batches(sequences, q, k, v, self.probs, self.out,
+                                 xp.ascontiguousarray(g), dq, dk, dv, *optional,
+                                 work=self.probs.size)
         return dq, dk, dv
 
 

@@ -38,7 +38,7 @@ from tinygrad_llm.train import (
     sample,
     serve,
 )
-from tinygrad_llm.train.options import HelpFormatter, UserError, given_flags
+from tinygrad_llm.train.options import HelpFormatter, UserError, given_flags, positive_int
 
 COMMANDS = {
     "prepare": (prepare, "tokenize a corpus larger than memory into token files"),
@@ -57,6 +57,11 @@ COMMANDS = {
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="split matrix products and elementwise work over this many CPU "
+                             "threads yourself, BLAS on one thread each (default: NumPy's "
+                             "elementwise on one thread, BLAS on its own threads); see "
+                             "docs/performance.md for when it helps")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (for bug reports)")
 
@@ -66,6 +71,8 @@ def execute(run, args) -> int:
     debug = getattr(args, "debug", False) or os.environ.get("TINYGRAD_LLM_DEBUG") == "1"
     if getattr(args, "tf32", False):
         backend.set_tf32(True)
+    if getattr(args, "threads", None):
+        backend.set_num_threads(args.threads)
     try:
         return run(args)
     except KeyboardInterrupt:

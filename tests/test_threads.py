@@ -1,0 +1,92 @@
+"""Work split over threads (backend.set_num_threads) gives what one thread gives."""
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from tinygrad_llm import Tensor, backend
+from tinygrad_llm import functional as F
+from tinygrad_llm.models.gpt import GPT, GPTConfig
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    """Three threads, every array split however small; afterwards one thread and BLAS's own
+    thread count again."""
+    blas = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+    monkeypatch.setattr(backend, "PARALLEL_MIN_ELEMENTS", 0)
+    backend.set_num_threads(3)
+    yield
+    backend.set_num_threads(1)
+    backend._threads = 1
+    if blas:
+        threadpool_limits(max(blas), user_api="blas")
+
+
+def test_the_helpers_cover_every_row_once(threads):
+    x = np.arange(7 * 5, dtype=np.float32).reshape(7, 5)
+    out = np.zeros_like(x)
+    seen = []
+
+    def body(rows, into):
+        seen.append(len(rows))
+        into[...] = rows * 2
+
+    backend.parallel_rows(body, x, out)
+    assert sorted(seen) == [2, 2, 3] and np.array_equal(out, x * 2)
+    a, b = np.random.default_rng(0).standard_normal((2, 9, 4)).astype(np.float32)
+    np.testing.assert_allclose(backend.matmul(a, b.T), a @ b.T, rtol=1e-6)
+    with pytest.raises(ZeroDivisionError):  # an error in a worker's block reaches the caller
+        backend.parallel_rows(lambda rows: 1 / 0, x)
+
+
+def test_set_num_threads_refuses_zero():
+    with pytest.raises(ValueError, match=">= 1"):
+        backend.set_num_threads(0)
+
+
+def loss_and_grads(model, ids, targets):
+    for p in model.parameters():
+        p.grad = None
+    loss = model.loss(Tensor(ids), targets)
+    loss.backward()
+    return loss.item(), {name: p.grad.copy() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_gpt_step_split_over_threads_equals_one_thread(threads, tie):
+    # every threaded op: linear (rows of each product), GELU, layer norm, attention (the
+    # sequences of the batch, with dropout and its mask drawn at once), the fused head
+    config = GPTConfig(vocab_size=50, context_length=16, n_layer=2, n_head=2, n_embd=32,
+                       dropout=0.1, tie_weights=tie)
+    backend.manual_seed(0)
+    model = GPT(config)
+    rng = np.random.default_rng(1)
+    ids, targets = rng.integers(0, 50, (5, 16)), rng.integers(0, 50, (5, 16))
+    targets[0, :3] = -100
+    backend.manual_seed(7)
+    split_loss, split_grads = loss_and_grads(model, ids, targets)
+    backend._threads = 1  # the same, on one thread
+    backend.manual_seed(7)
+    loss, grads = loss_and_grads(model, ids, targets)
+    assert split_loss == pytest.approx(loss, rel=1e-6)
+    for name, grad in grads.items():
+        np.testing.assert_allclose(split_grads[name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_elementwise_ops_split_over_threads_equal_one_thread(threads):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, 7, 9)).astype(np.float32)
+    w, b = rng.standard_normal(9).astype(np.float32), rng.standard_normal(9).astype(np.float32)
+    g = rng.standard_normal((6, 7, 9)).astype(np.float32)
+
+    def run():
+        tensors = [Tensor(a, requires_grad=True) for a in (x, w, b)]
+        y = F.layer_norm(F.gelu(tensors[0]), tensors[1], tensors[2])
+        y.backward(g)
+        return [y.numpy()] + [t.grad for t in tensors]
+
+    split = run()
+    backend._threads = 1
+    for a, b_ in zip(split, run(), strict=True):
+        np.testing.assert_array_equal(a, b_)  # row blocks do exactly the same arithmetic
