@@ -194,14 +194,14 @@ def scatter_add(target, indices, values) -> None:
 
 # ------------------------------------------------------------------ threads on the CPU
 # NumPy runs each ufunc on one core. Its BLAS (OpenBLAS) has threads of its own for matrix
-# products, but they spin for a while after each product, waiting for the next -- stealing the
-# cores from whatever runs next, which in a training step is elementwise work. So once
-# ``set_num_threads`` is called (the ``tinygrad-llm`` command and the bench scripts do), BLAS runs
-# on one thread and the library splits its own work instead -- the rows of a matrix product, the
-# rows of an elementwise or row-wise op, the sequences of a batch in attention -- over a pool of
-# threads that sleep while idle. NumPy and BLAS release the GIL while they compute, so the
-# blocks really run at once, on every core, as PyTorch's one OpenMP pool does. Without the call,
-# everything runs as plain NumPy, on one thread (and BLAS on its own threads).
+# products, but they spin for a while after each product, waiting for the next -- competing for
+# the cores with whatever runs next. ``set_num_threads(n)`` (``--threads n`` on the command line)
+# takes the other road: BLAS runs on one thread, and the library splits its own work -- the rows
+# of a matrix product, the rows of an elementwise or row-wise op, the sequences of a batch in
+# attention -- over n threads that sleep while idle. NumPy and BLAS release the GIL while they
+# compute, so the blocks really run at once, as PyTorch's one OpenMP pool does. Without the call
+# (the default), everything runs as plain NumPy: elementwise on one thread, BLAS on its own.
+# Which is faster depends on the machine and the model (docs/performance.md has the figures).
 PARALLEL_MIN_ELEMENTS = 1 << 15  # below this, handing work to threads costs more than it saves
 _threads = 1  # set_num_threads
 _pool = None

@@ -354,7 +354,10 @@ class Linear(Function):
         x2 = x.reshape(-1, x.shape[-1])
         y = backend.matmul(x2, weight)  # (N, in) @ (in, out) -> (N, out), rows over the threads
         if bias is not None:
-            backend.parallel_rows(lambda rows: rows.__iadd__(bias), y)
+            def add_bias(rows):
+                rows += bias
+
+            backend.parallel_rows(add_bias, y)
         return y.reshape(x.shape[:-1] + (weight.shape[1],))
 
     def backward(self, g):
