@@ -160,8 +160,13 @@ class Trainer:
     """Trains ``model`` on ``task`` with AdamW and writes metrics and checkpoints into out_dir."""
 
     def __init__(self, model, task, config: TrainConfig, out_dir, show_progress: bool = True,
-                 log=None):
+                 log=None, distributed=None):
         self.model, self.task, self.config = model, task, config
+        # data parallel over MPI (distributed.DataParallel): each rank trains on its rows of
+        # every global batch; rank 0 alone writes metrics, samples and checkpoints
+        self.distributed = distributed
+        self.is_main = distributed is None or distributed.is_main
+        show_progress = show_progress and self.is_main
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir = self.out_dir / "checkpoint"
@@ -181,6 +186,7 @@ class Trainer:
         self._best_weights: dict | None = None
         self.last_text: str | None = None  # what after_evaluation showed last
         self.stop_requested = False
+        self.stop_agreed = False  # under MPI: some rank's Ctrl-C, as of the last step's sums
 
     # ------------------------------------------------------------------------ one step
     def learning_rate(self, step: int) -> float:
@@ -189,18 +195,30 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step over grad_accum_steps micro-batches; returns the mean loss."""
-        c = self.config
-        backend.manual_seed((c.seed, self.step))  # dropout of step n is the same after a resume
+        c, dp = self.config, self.distributed
+        # dropout of step n is the same after a resume (and differs between ranks)
+        backend.manual_seed((c.seed, self.step) if dp is None else (c.seed, self.step, dp.rank))
         scale = self.scaler.scale if self.scaler else 1.0
         total, tokens = 0.0, 0
         for _ in range(c.grad_accum_steps):
             batch = self.task.next_batch()
+            tokens += batch[0].size
+            share = 1.0  # this process's share of the batch's rows: its loss's weight
+            if dp is not None:  # every rank drew the same global batch; take this rank's rows
+                rows = dp.rows(len(batch[0]))
+                share = (rows.stop - rows.start) / len(batch[0])
+                batch = tuple(part[rows] for part in batch)
             with F.autocast(self.compute_dtype):
                 loss = self.task.loss(self.model, batch)
-            (loss * (scale / c.grad_accum_steps)).backward()  # micro-batches' gradients add up
-            total = total + loss.data  # a 0-d array where the loss lives: no wait on a GPU
-            tokens += batch[0].size
+            # micro-batches' (and ranks') gradients add up to the mean loss's gradient
+            (loss * (scale * share / c.grad_accum_steps)).backward()
+            total = total + loss.data * share  # 0-d, where the loss lives: no wait on a GPU
         params = self.optimizer.params
+        if dp is not None:  # sum the ranks' gradients, losses and Ctrl-C requests
+            dp.sum_gradients(params)
+            total, stops = dp.sum_values([float(total), float(self.stop_requested)])
+            self.stop_agreed = stops > 0  # all ranks stop after the same step
+            total = backend.array_module(params[0].device).asarray(total)
         if self.scaler:
             self.scaler.unscale(params)  # the true gradients, in the float32 weights' .grad
         # the step's one read from the device: the loss and the gradients' norm together
@@ -266,6 +284,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------- checkpoints
     def save(self) -> None:
+        if not self.is_main:  # the ranks' weights are identical: one writes them
+            return
         state = {"step": self.step, "optimizer_steps": self.optimizer.step_count,
                  "data": self.task.state(), "train": asdict(self.config)}
         if self.scaler:
@@ -292,9 +312,13 @@ class Trainer:
             self._remember(record)
 
     def _write_metrics(self, records: list) -> None:
+        if not self.is_main:
+            return
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -312,8 +336,10 @@ class Trainer:
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not self.show_progress,
                    unit="step", dynamic_ncols=True)
         write = self.log_line or bar.write
+        if not self.is_main:
+            write = lambda line: None  # noqa: E731  (rank 0 reports for all)
         try:
-            while self.step < stop_at and not self.stop_requested:
+            while self.step < stop_at and not self.stopping():
                 loss = self.train_step()
                 interval_tokens += self.last_step_tokens
                 tokens_per_s = interval_tokens / max(time.perf_counter() - interval_start, 1e-9)
@@ -326,14 +352,16 @@ class Trainer:
                     self.log(record)
                     self._remember(record)
                     write(format_record(record))
-                    self.last_text = self.task.after_evaluation(self.model)
+                    self.last_text = (self.task.after_evaluation(self.model) if self.is_main
+                                      else None)
                     if self.last_text:
                         write(f"--- sample ---\n{self.last_text}\n--------------")
                     if c.checkpoint_every_evaluation:
                         self.save()
-                    plot_metrics(self.history, self.out_dir / "loss.png")
+                    if self.is_main:
+                        plot_metrics(self.history, self.out_dir / "loss.png")
                     interval_start, interval_tokens = time.perf_counter(), 0
-            interrupted = self.stop_requested or self.step == stop_at < c.max_steps
+            interrupted = self.stopping() or self.step == stop_at < c.max_steps
             if interrupted and c.checkpoint_every_evaluation:
                 self.save()  # interrupted or stopped early: keep the exact position
                 if self.stop_requested:
@@ -346,6 +374,11 @@ class Trainer:
         if c.keep_best:
             self.restore_best()
         return record
+
+    def stopping(self) -> bool:
+        """Ctrl-C was pressed: here, or (under MPI) on any rank by the last step's count, so
+        that every rank stops after the same step."""
+        return self.stop_requested if self.distributed is None else self.stop_agreed
 
     def _install_interrupt_handler(self):
         """First Ctrl-C: finish the step, save, stop. A second one interrupts at once."""

@@ -24,6 +24,7 @@ import os
 import sys
 
 from tinygrad_llm import backend
+from tinygrad_llm.distributed import launched_ranks
 from tinygrad_llm.train import (
     chat,
     classify,
@@ -68,11 +69,20 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def execute(run, args) -> int:
     """Run a command; turn user errors into one line on stderr and an exit code."""
-    debug = getattr(args, "debug", False) or os.environ.get("TINYGRAD_LLM_DEBUG") == "1"
     if getattr(args, "tf32", False):
         backend.set_tf32(True)
     if getattr(args, "threads", None):
         backend.set_num_threads(args.threads)
+    code = _execute(run, args)
+    if code not in (0, 130) and launched_ranks() > 1 and "mpi4py.MPI" in sys.modules:
+        # one process of an MPI job failed: end the others now, not when their next
+        # collective times out
+        sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)
+    return code
+
+
+def _execute(run, args) -> int:
+    debug = getattr(args, "debug", False) or os.environ.get("TINYGRAD_LLM_DEBUG") == "1"
     try:
         return run(args)
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@
     tinygrad-llm pretrain --init-from base --data my_texts/ --out more
                                                            # continued pretraining on new text
     tinygrad-llm pretrain --tokens tokens/ --out big       # a corpus made by `prepare`
+    mpirun -n 2 tinygrad-llm pretrain --batch-size 12      # data parallel over 2 processes
 
 --resume restores everything from the run folder: the corpus, tokenizer, model, every training
 setting, the optimizer and the data position. Only --steps (to train longer), --device, --tf32,
@@ -22,6 +23,7 @@ from pathlib import Path
 from tinygrad_llm import backend, plotting
 from tinygrad_llm.checkpoint import is_checkpoint, load_checkpoint
 from tinygrad_llm.data import SHAKESPEARE, cached_token_files, read_corpus
+from tinygrad_llm.distributed import DataParallel
 from tinygrad_llm.loading import build_model, check_finite, load_model
 from tinygrad_llm.models.gpt import PRESETS, preset
 from tinygrad_llm.nn import Dropout
@@ -241,8 +243,18 @@ def new_run(args, prepared: dict | None = None):
 
 def run(args) -> int:
     start_time = time.perf_counter()
-    out = check_out_folder(args.out, inputs=[args.init_from, args.data, args.tokens],
-                           resume=args.resume, overwrite=args.overwrite)
+    # under mpirun -n N: data parallel over N processes; rank 0 prepares the run folder
+    distributed = DataParallel.from_environment()
+    main = distributed is None or distributed.is_main
+    if main:
+        out = check_out_folder(args.out, inputs=[args.init_from, args.data, args.tokens],
+                               resume=args.resume, overwrite=args.overwrite)
+    if distributed is not None:
+        distributed.barrier("waiting for rank 0 to prepare the run folder")
+        out = Path(args.out).resolve()
+        if args.batch_size < distributed.size and not args.resume:
+            raise UserError(f"--batch-size {args.batch_size} is the global batch, split over "
+                            f"{distributed.size} processes: give at least {distributed.size}")
     checkpoint = None
     if args.resume:
         model, tokenizer, config, checkpoint, saved_run = resume_run(args, out)
@@ -265,7 +277,11 @@ def run(args) -> int:
         data, val_fraction = str(tokens_dir), meta["val_fraction"]
         run_info = {"tokens": data, "tokenizer": tokenizer.name, "val_fraction": val_fraction}
     else:
+        if not main:  # rank 0 tokenizes into the run folder; the others read its files
+            distributed.barrier("waiting for rank 0 to tokenize the corpus")
         train_tokens, val_tokens = cached_token_files(data, tokenizer, out / "data", val_fraction)
+        if main and distributed is not None:
+            distributed.barrier("waiting for rank 0 to tokenize the corpus")
         run_info = {"data": str(data), "tokenizer": tokenizer.name, "val_fraction": val_fraction}
     context = model.config.context_length
     for split, tokens in (("training", train_tokens), ("validation", val_tokens)):
@@ -275,17 +291,25 @@ def run(args) -> int:
                             "--context-length or another --val-fraction")
     task = LanguageModelingTask(tokenizer, train_tokens, val_tokens, context, config,
                                 extra={"run": run_info})  # what --resume needs to find the data
-    trainer = Trainer(model, task, config, out, show_progress=not args.quiet)
+    trainer = Trainer(model, task, config, out, show_progress=not args.quiet,
+                      distributed=distributed)
     if checkpoint is not None:
         trainer.resume(checkpoint)
-        print(f"resumed at step {trainer.step}", file=sys.stderr)
+        if main:
+            print(f"resumed at step {trainer.step}", file=sys.stderr)
+    if not main:
+        trainer.train()
+        return 130 if trainer.stopping() else 0
+    if distributed is not None:
+        print(f"data parallel over {distributed.size} processes: each takes its share of the "
+              f"{config.batch_size} windows of every batch", file=sys.stderr)
     print(f"model: {model.num_params():,} parameters, {model.config.n_layer} layers, "
           f"{model.config.n_embd} wide, context {context}; tokenizer {tokenizer.name} "
           f"({tokenizer.vocab_size} tokens); {len(train_tokens):,} training tokens",
           file=sys.stderr)
     record = trainer.train()
     minutes = (time.perf_counter() - start_time) / 60
-    if trainer.stop_requested:
+    if trainer.stopping():
         return 130
     if not plotting.available():  # the trainer drew OUT/loss.png at every evaluation
         print(INSTALL_HINT, file=sys.stderr)
