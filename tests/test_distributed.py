@@ -100,3 +100,25 @@ def test_the_launcher_is_recognised_from_its_environment(monkeypatch):
     assert launched_ranks() == 1
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     assert launched_ranks() == 4
+
+
+def real_gpus() -> int:
+    """GPUs a real CuPy sees (0 without CuPy, without a GPU, or under the CPU stand-in)."""
+    try:
+        import cupy
+    except ImportError:
+        return 0
+    if getattr(cupy, "IS_FAKE", False):
+        return 0
+    try:
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - CuPy's own error when no driver is present
+        return 0
+
+
+@needs_mpi
+@pytest.mark.skipif(real_gpus() < 2, reason="needs two GPUs (NCCL between them)")
+def test_two_gpus_summing_through_nccl_log_the_losses_of_one(tmp_path):
+    pretrain(tmp_path, "one", "--batch-size", "6", "--steps", "15", "--device", "cuda")
+    pretrain(tmp_path, "two", "--batch-size", "6", "--steps", "15", "--device", "cuda", ranks=2)
+    same_losses(losses(tmp_path / "one"), losses(tmp_path / "two"))

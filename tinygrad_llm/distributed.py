@@ -17,9 +17,10 @@ float32 sums.
 
 The gradients go through one flat buffer (every parameter's gradient copied in, reduced in place
 in buckets of ``BUCKET_ELEMENTS``, copied back): a few large messages instead of one per
-parameter. Rank 0 alone writes metrics, samples and checkpoints. A collective that does not
-complete within ``timeout`` seconds (another rank died or hangs) ends the job with a message
-instead of waiting forever.
+parameter. On GPUs (``use_device("cuda")``) the buffer stays on the GPU and NCCL sums it.
+Rank 0 alone writes metrics, samples and checkpoints. An MPI collective that does not complete
+within ``timeout`` seconds (another rank died or hangs) ends the job with a message instead of
+waiting forever.
 
 MPI comes from ``mpi4py`` (``pip install 'tinygrad_llm[distributed]'``, which brings an MPI
 library too: the ``mpich`` wheel, so no system MPI is needed).
@@ -66,6 +67,24 @@ class DataParallel:
         self.timeout = timeout if timeout is not None else float(
             os.environ.get("TINYGRAD_LLM_MPI_TIMEOUT", DEFAULT_TIMEOUT))
         self._flat = None  # the gradients' flat buffer, allocated on first use
+        self.nccl = None  # on GPUs: the NCCL communicator that sums the gradients
+
+    def use_device(self, device: str) -> None:
+        """On ``cuda``: rank r takes GPU r (modulo the GPUs this machine has) and gradients are
+        summed by NCCL, GPU to GPU, through ``cupy.cuda.nccl``; MPI only hands NCCL's id from
+        rank 0 to the others. Call it before the model moves to the device."""
+        if backend.normalize_device(device) != "cuda":
+            return
+        cupy = backend.array_module("cuda")
+        cupy.cuda.Device(self.rank % cupy.cuda.runtime.getDeviceCount()).use()
+        try:
+            from cupy.cuda import nccl
+        except ImportError as error:
+            raise RuntimeError("data parallel on GPUs needs NCCL in CuPy (the cupy-cuda12x "
+                               "wheels include it: python -m cupyx.tools.install_library "
+                               "--library nccl)") from error
+        uid = self.comm.bcast(nccl.get_unique_id() if self.is_main else None, root=0)
+        self.nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
 
     @classmethod
     def from_environment(cls) -> DataParallel | None:
@@ -112,18 +131,31 @@ class DataParallel:
             raise RuntimeError("a parameter has no gradient on this rank; every rank must "
                                "compute the same graph")
         sizes, dtype = [g.size for g in grads], grads[0].dtype
+        xp = backend.get_array_module(grads[0]) if self.nccl is not None else np
         if self._flat is None or self._flat.size != sum(sizes) or self._flat.dtype != dtype:
-            self._flat = np.empty(sum(sizes), dtype)
+            self._flat = xp.empty(sum(sizes), dtype)  # on the GPU for NCCL, else the host
         flat, start = self._flat, 0
         for g, size in zip(grads, sizes, strict=True):
-            flat[start:start + size] = backend.to_numpy(g).reshape(-1)
+            flat[start:start + size] = g.reshape(-1) if self.nccl else backend.to_numpy(g).ravel()
             start += size
-        self.allreduce_(flat, "summing the gradients")
+        if self.nccl is not None:
+            self._nccl_sum(flat)
+        else:
+            self.allreduce_(flat, "summing the gradients")
         start = 0
         for p, size in zip(params, sizes, strict=True):
             summed = flat[start:start + size].reshape(p.grad.shape)
             p.grad[...] = backend.to_device(summed, backend.device_of(p.grad))
             start += size
+
+    def _nccl_sum(self, flat) -> None:
+        """Sum a flat CuPy array over the ranks' GPUs, in place, on the current stream."""
+        from cupy.cuda import get_current_stream, nccl
+
+        kinds = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64,
+                 np.dtype(np.float16): nccl.NCCL_FLOAT16}
+        self.nccl.allReduce(flat.data.ptr, flat.data.ptr, flat.size, kinds[flat.dtype],
+                            nccl.NCCL_SUM, get_current_stream().ptr)
 
     def sum_values(self, values) -> np.ndarray:
         """A few float64 numbers (a loss, a count) summed over the ranks."""

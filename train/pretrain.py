@@ -250,6 +250,7 @@ def run(args) -> int:
         out = check_out_folder(args.out, inputs=[args.init_from, args.data, args.tokens],
                                resume=args.resume, overwrite=args.overwrite)
     if distributed is not None:
+        distributed.use_device(args.device)  # on GPUs: one per rank, NCCL between them
         distributed.barrier("waiting for rank 0 to prepare the run folder")
         out = Path(args.out).resolve()
         if args.batch_size < distributed.size and not args.resume:
