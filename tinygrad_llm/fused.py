@@ -199,7 +199,8 @@ class LinearCrossEntropy(Function):
         for start in range(0, len(x2), chunk_rows):
             rows = slice(start, start + chunk_rows)
             n = len(x2[rows])
-            logits = _kept("head logits", (n, weight.shape[1]), np.result_type(x2, weight), xp)
+            dtype = np.result_type(x2.dtype, weight.dtype)
+            logits = _kept("head logits", (n, weight.shape[1]), dtype, xp)
             backend.matmul(x2[rows], weight, out=logits)  # (n, C) @ (C, V) -> (n, V)
             counted = valid[rows]
             picked = xp.where(counted, targets[rows], 0)  # ignored rows read class 0
