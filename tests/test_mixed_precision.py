@@ -128,3 +128,16 @@ def test_pretrain_dtype_float16_saves_its_loss_scale_and_resumes(tmp_path):
     assert main(["pretrain", "--steps", "4", "--resume", *tiny]) == 0  # stays float16
     saved = load_checkpoint(out / "checkpoint")
     assert saved["state"]["loss_scaler"]["good_steps"] == 4
+
+
+def test_cross_entropy_of_float16_logits_is_computed_in_float32():
+    # 2,048 positions x 50,257 classes: float16's sum of the exponentials would overflow
+    rng = np.random.default_rng(4)
+    logits = (rng.standard_normal((2048, 50257)) * 3).astype(np.float16)
+    targets = rng.integers(0, 50257, 2048)
+    tensor = Tensor(logits, requires_grad=True)
+    loss = F.cross_entropy(tensor, targets)
+    reference = F.cross_entropy(Tensor(logits.astype(np.float32)), targets).item()
+    assert np.isfinite(loss.item()) and loss.item() == pytest.approx(reference, rel=1e-6)
+    loss.backward()
+    assert tensor.grad.dtype == np.float16 and np.isfinite(tensor.grad).all()

@@ -128,8 +128,8 @@ def test_ids_past_65536_are_stored_as_uint32(tmp_path):
 def test_pieces_tokenize_like_the_whole_text(text, piece_chars):
     encode = GPT2Tokenizer().encode
     chunks = (text[i:i + 7] for i in range(0, len(text), 7))
-    pieces = [piece for piece, _ in cut_pieces(chunks, piece_chars)]
-    assert "".join(pieces) == text
+    pieces = [piece for piece, _ in cut_pieces(chunks, piece_chars, max_chars=10**9)]
+    assert "".join(pieces) == text  # (no forced cut: that one is tested below)
     assert sum((encode(piece) for piece in pieces), []) == encode(text)
 
 
@@ -242,3 +242,13 @@ def test_pretrain_refuses_flags_that_contradict_the_prepared_folder(tmp_path, ca
     np.zeros(3, np.uint16).tofile(tokens / "val.bin")  # damaged: sizes disagree with meta.json
     assert main(["pretrain", "--tokens", str(tokens), "--out", str(tmp_path / "r"), *TINY]) == 2
     assert "the folder is damaged" in capsys.readouterr().err
+
+
+def test_a_text_without_spaces_is_still_cut_so_memory_stays_bounded():
+    from tinygrad_llm.prepare import MAX_PIECE_FACTOR, cut_pieces
+
+    chunks = ["x" * 100] * 200  # 20,000 characters and no safe place to cut
+    pieces = list(cut_pieces(chunks, piece_chars=100))
+    assert "".join(text for text, _ in pieces) == "x" * 20_000
+    assert max(len(text) for text, _ in pieces) <= MAX_PIECE_FACTOR * 100
+    assert [end for _, end in pieces][-1] is True

@@ -251,7 +251,7 @@ def _split(body, arrays, count: int, work: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         _pool = ThreadPoolExecutor(_threads - 1, thread_name_prefix="tinygrad-llm")
-    bounds = np.linspace(0, count, threads + 1).astype(int)
+    bounds = [k * count // threads for k in range(threads + 1)]  # sizes differ by at most 1
     blocks = [[a[lo:hi] for a in arrays] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     others = [_pool.submit(body, *block) for block in blocks[1:]]
     try:

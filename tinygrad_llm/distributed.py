@@ -97,21 +97,22 @@ class DataParallel:
         return self.rank == 0
 
     def rows(self, count: int) -> slice:
-        """This rank's rows of a global batch of ``count``: contiguous, sizes differing by at
-        most one (``np.array_split``'s rule)."""
+        """This rank's rows of a global batch of ``count``: contiguous, rank r from
+        r * count // size, so the sizes differ by at most one (5 rows over 2 ranks: 2 and 3)."""
         if count < self.size:
             raise ValueError(f"a global batch of {count} cannot be split over {self.size} "
                              f"processes: use --batch-size >= {self.size}")
-        bounds = np.linspace(0, count, self.size + 1).astype(int)
-        return slice(bounds[self.rank], bounds[self.rank + 1])
+        return slice(self.rank * count // self.size, (self.rank + 1) * count // self.size)
 
     # -------------------------------------------------------------------- collectives
-    def _wait(self, request, what: str) -> None:
-        """Wait for a non-blocking collective, but no longer than ``timeout`` seconds."""
-        deadline = time.monotonic() + self.timeout
+    def _wait(self, request, what: str, timeout: float | None = -1) -> None:
+        """Wait for a non-blocking collective, but no longer than ``timeout`` seconds (default:
+        the job's; None: as long as it takes)."""
+        timeout = self.timeout if timeout == -1 else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not request.Test():
-            if time.monotonic() > deadline:
-                print(f"rank {self.rank}: {what} did not complete within {self.timeout:.0f} s: "
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"rank {self.rank}: {what} did not complete within {timeout:.0f} s: "
                       "another process died or hangs; ending the job (the last checkpoint is "
                       "intact; continue with --resume)", file=sys.stderr, flush=True)
                 self.comm.Abort(1)
@@ -161,5 +162,8 @@ class DataParallel:
         """A few float64 numbers (a loss, a count) summed over the ranks."""
         return self.allreduce_(np.array(values, np.float64), "summing the losses")
 
-    def barrier(self, what: str = "waiting for the other processes") -> None:
-        self._wait(self.comm.Ibarrier(), what)
+    def barrier(self, what: str = "waiting for the other processes", timeout=-1) -> None:
+        """Wait until every rank gets here. ``timeout=None`` while rank 0 works alone for as long
+        as its work takes (tokenizing a corpus, writing a checkpoint): only a dead rank 0 ends
+        that wait, and its death ends the job."""
+        self._wait(self.comm.Ibarrier(), what, timeout)

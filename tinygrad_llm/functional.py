@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import math
+import threading
 
 import numpy as np
 
@@ -222,8 +223,9 @@ class GELU(Function):
     def forward(self, x):
         # reference: y = 0.5 * x * (1 + tanh(GELU_C * (x + GELU_A * x * x * x)))
         xp = get_xp(x)
-        if cuda_kernels.enabled(xp, x):  # one GPU kernel; its backward recomputes tanh
-            self.x, self.t = x, None
+        self.fused = cuda_kernels.enabled(xp, x)
+        if self.fused:  # one GPU kernel; its backward recomputes tanh
+            self.x = x
             return cuda_kernels.gelu_forward(x)
         x = xp.ascontiguousarray(x)
         t, y = xp.empty_like(x), xp.empty_like(x)
@@ -232,9 +234,9 @@ class GELU(Function):
         return y
 
     def backward(self, g):
+        if self.fused:
+            return cuda_kernels.gelu_backward(self.x, g)
         x, t = self.x, self.t
-        if t is None:
-            return cuda_kernels.gelu_backward(x, g)
         xp = get_xp(x)
         dx = xp.empty_like(x)
         backend.parallel_rows(_gelu_backward_rows, x, t, xp.ascontiguousarray(g), dx)
@@ -346,8 +348,9 @@ class Linear(Function):
     def forward(self, x, weight, bias=None, *, compute_dtype=None):
         self.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         if compute_dtype is not None:
-            x, weight = x.astype(compute_dtype), weight.astype(compute_dtype)
-            bias = None if bias is None else bias.astype(compute_dtype)
+            x = x.astype(compute_dtype, copy=False)
+            weight = weight.astype(compute_dtype, copy=False)
+            bias = None if bias is None else bias.astype(compute_dtype, copy=False)
         self.x, self.weight, self.has_bias = x, weight, bias is not None
         # all leading positions as the rows of one matrix: one large GEMM instead of a batch of
         # small ones (NumPy loops over the batch of a 3-D @ 2-D product)
@@ -377,10 +380,8 @@ class Linear(Function):
         return gx, gw, gb
 
 
-class _Autocast:
-    """The dtype ``linear`` multiplies in inside ``autocast`` (None: the inputs' own)."""
-
-    dtype = None
+_AUTOCAST = threading.local()  # .dtype: what ``linear`` multiplies in inside ``autocast``, per
+# thread (a server thread generating in float32 is not switched by a training thread's autocast)
 
 
 @contextlib.contextmanager
@@ -392,12 +393,12 @@ def autocast(dtype):
     inputs. Use it with loss scaling (``optim.LossScaler``): float16 gradients smaller than 6e-8
     would round to zero. ``autocast(None)`` switches it off inside an outer one.
     """
-    previous = _Autocast.dtype
-    _Autocast.dtype = None if dtype is None else np.dtype(dtype)
+    previous = getattr(_AUTOCAST, "dtype", None)
+    _AUTOCAST.dtype = None if dtype is None else np.dtype(dtype)
     try:
         yield
     finally:
-        _Autocast.dtype = previous
+        _AUTOCAST.dtype = previous
 
 
 def matmul(a, b) -> Tensor:
@@ -407,7 +408,7 @@ def matmul(a, b) -> Tensor:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight + bias; x (..., in), weight (in, out), bias (out,) -> (..., out)."""
     inputs = (x, weight) if bias is None else (x, weight, bias)
-    cast = _Autocast.dtype
+    cast = getattr(_AUTOCAST, "dtype", None)
     if cast is not None and weight.dtype == np.float32:
         return Linear.apply(*inputs, compute_dtype=cast)
     return Linear.apply(*inputs)

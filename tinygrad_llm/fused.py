@@ -39,11 +39,17 @@ get_xp = backend.get_array_module
 # efficient (dW = x^T dlogits sums over the chunk's rows: a few hundred rows make a thin, slow
 # product), small enough that no (B, T, V) array is held for long sequences (GPT-2 at batch 8 x
 # 1024 has 1.6 GB of logits). On the CPU the chunk's logits and dW partial live in buffers kept
-# between steps (``_kept``), so their size costs no page faults. A GPT-2-sized step (12 x 768,
-# 1,024 positions, 50,257 tokens) on a 2-core Intel Xeon: the head took 3.3 s with 30 MiB chunks
-# and fresh buffers, 1.3 s with one 206 MB chunk.
+# between steps (``_kept``; ``release_kept_buffers`` frees them), so their size costs no page
+# faults. A GPT-2-sized step (12 x 768, 1,024 positions, 50,257 tokens) on a 2-core Intel Xeon:
+# the head took 3.3 s with 30 MiB chunks and fresh buffers, 1.3 s with one 206 MB chunk.
 HEAD_CHUNK_BYTES = 256 << 20
 _KEPT = threading.local()  # name -> a NumPy buffer reused by every call, one set per thread
+
+
+def release_kept_buffers() -> None:
+    """Free the fused head's kept buffers (this thread's): up to HEAD_CHUNK_BYTES of logits and
+    one vocabulary x width dW partial (154 MB for GPT-2), held between steps for speed."""
+    vars(_KEPT).clear()
 
 
 def _kept(name: str, shape: tuple, dtype, xp):
@@ -121,6 +127,8 @@ class CrossEntropy(Function):
     def forward(self, logits, targets, ignore_index):
         xp = get_xp(logits)
         self.shape = logits.shape
+        if logits.dtype == np.float16:  # mixed precision: the loss in float32, as autocast does
+            logits = logits.astype(np.float32)  # (float16's sum of 50,257 exps can overflow)
         logits = logits.reshape(-1, logits.shape[-1])  # (B, T, C) -> (N, C)
         targets = targets.reshape(-1)  # (B, T) -> (N,)
         self.valid = targets != ignore_index
@@ -202,21 +210,23 @@ class LinearCrossEntropy(Function):
             dtype = np.result_type(x2.dtype, weight.dtype)
             logits = _kept("head logits", (n, weight.shape[1]), dtype, xp)
             backend.matmul(x2[rows], weight, out=logits)  # (n, C) @ (C, V) -> (n, V)
+            if bias is not None:
+                logits += bias
             counted = valid[rows]
             picked = xp.where(counted, targets[rows], 0)  # ignored rows read class 0
             # d loss / d logits = (softmax - onehot) / count on counted rows, 0 elsewhere
             weight_of_row = (counted / count).astype(logits.dtype)
             if cuda_kernels.enabled(xp, logits):  # the loss and d loss / d logits, one kernel
-                if bias is not None:
-                    logits += bias
                 total += cuda_kernels.cross_entropy_rows(logits, picked, weight_of_row).sum()
             else:
                 losses = xp.empty(len(picked), logits.dtype)  # (n,) log sum exp - target logit
-                rows_of = functools.partial(_cross_entropy_rows, bias=bias, gradient=need_grad)
-                backend.parallel_rows(rows_of, logits, picked, weight_of_row, losses)
+                softmax_rows = functools.partial(_cross_entropy_rows, gradient=need_grad)
+                backend.parallel_rows(softmax_rows, logits, picked, weight_of_row, losses)
                 total += (losses * counted).sum()
             if need_grad:  # logits now hold d loss / d logits
                 self._chunk_backward(x2, weight, logits, rows, need_x, need_w, need_b)
+        if need_w and self.gw is None:  # no rows at all
+            self.gw = xp.zeros_like(weight)
         return mean_of_counted(total, valid).astype(x.dtype)
 
     def _chunk_backward(self, x2, weight, dlogits, rows, need_x, need_w, need_b) -> None:
@@ -241,13 +251,12 @@ class LinearCrossEntropy(Function):
         return gx, gw, (None if self.gb is None else self.gb * g)
 
 
-def _cross_entropy_rows(logits, picked, weight_of_row, losses, *, bias, gradient) -> None:
+def _cross_entropy_rows(logits, picked, weight_of_row, losses, *, gradient) -> None:
     """Loss of a block of rows of logits (n, V), and (with ``gradient``) d loss / d logits in
     place of the logits: weight_of_row * (softmax - onehot(picked))."""
     xp = get_xp(logits)
+    # parallel_rows hands the (n,) arrays over as (n, 1) blocks
     picked, weight_of_row, losses = picked[:, 0], weight_of_row[:, 0], losses[:, 0]
-    if bias is not None:
-        logits += bias
     index = xp.arange(len(picked))
     logits -= logits.max(axis=1, keepdims=True)  # loss_i = log sum exp - target logit
     target_logit = logits[index, picked]
@@ -456,17 +465,20 @@ class ScaledDotProductAttention(Function):
         split_mask = mask is not None and mask.ndim == 4 and mask.shape[0] == q.shape[0] > 1
         optional = [a for a in (self.keep, mask if split_mask else None) if a is not None]
 
-        def sequences(q, k, v, probs, out, *rest):
-            keep = rest[0] if self.keep is not None else None
-            block_mask = rest[-1] if split_mask else mask
-            xp.matmul(q, k.swapaxes(-1, -2), out=probs)  # (.., Tq, D) @ (.., D, Tk): scores
+        def sequences(q, k, v, probs, out, *optional_blocks):
+            # the optional arrays in the order they were passed: keep (with dropout), then the
+            # mask (when it has one per sequence; else every block shares the whole mask)
+            blocks = list(optional_blocks)
+            keep = blocks.pop(0) if self.keep is not None else None
+            block_mask = blocks.pop(0) if split_mask else mask
+            _matmul_into(q, k.swapaxes(-1, -2), probs)  # (.., Tq, D) @ (.., D, Tk): scores
             if block_mask is not None:
                 probs += block_mask  # additive: 0 = may attend, the float minimum = blocked
             probs -= probs.max(axis=-1, keepdims=True)  # softmax over the keys, in place
             xp.exp(probs, out=probs)
             probs *= 1 / sum_last(probs)
             dropped = probs if keep is None else probs * keep
-            xp.matmul(dropped, v, out=out)  # (.., Tq, Tk) @ (.., Tk, D) -> (.., Tq, D)
+            _matmul_into(dropped, v, out)  # (.., Tq, Tk) @ (.., Tk, D) -> (.., Tq, D)
 
         backend.parallel_batches(sequences, q, k, v, probs, out, *optional, work=probs.size)
         self.q, self.k, self.v, self.probs, self.out = q, k, v, probs, out
@@ -484,20 +496,29 @@ class ScaledDotProductAttention(Function):
 
         def sequences(q, k, v, probs, out, g, dq, dk, dv, *keep):
             dropped = probs * keep[0] if keep else probs
-            xp.matmul(dropped.swapaxes(-1, -2), g, out=dv)  # (.., Tk, Tq) @ (.., Tq, D)
+            _matmul_into(dropped.swapaxes(-1, -2), g, dv)  # (.., Tk, Tq) @ (.., Tq, D)
             dscores = g @ v.swapaxes(-1, -2)  # (.., Tq, Tk)
             if keep:
                 dscores *= keep[0]
             dscores -= dot_last(g, out)
             dscores *= probs
-            xp.matmul(dscores, k, out=dq)  # (.., Tq, D)
+            _matmul_into(dscores, k, dq)  # (.., Tq, D)
             dq *= self.scale
-            xp.matmul(dscores.swapaxes(-1, -2), q, out=dk)  # (.., Tk, D); q is already scaled
+            _matmul_into(dscores.swapaxes(-1, -2), q, dk)  # (.., Tk, D); q is already scaled
 
         backend.parallel_batches(sequences, q, k, v, self.probs, self.out,
                                  xp.ascontiguousarray(g), dq, dk, dv, *optional,
                                  work=self.probs.size)
         return dq, dk, dv
+
+
+def _matmul_into(a, b, out) -> None:
+    """out[...] = a @ b: straight into ``out`` when the dtypes agree; through a temporary when
+    mixed precision mixes float16 and float32 (CuPy's ``out=`` wants the product's own dtype)."""
+    if out.dtype == np.result_type(a.dtype, b.dtype):
+        get_xp(a).matmul(a, b, out=out)
+    else:
+        out[...] = a @ b
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,

@@ -131,9 +131,11 @@ class AdamW(Optimizer):
 def grad_norm(params):
     """The global L2 norm of all gradients, sqrt(sum over every gradient g of sum(g^2)), as a
     0-d array on their device (nothing waits for a GPU here)."""
+    params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return np.zeros((), np.float32)
+        device = params[0].device if params else "cpu"
+        return backend.array_module(device).zeros((), np.float32)
     xp = backend.get_array_module(grads[0])
     # sum of squares through a BLAS dot product: no squared temporary per parameter
     return xp.sqrt(sum(xp.vdot(g.ravel(), g.ravel()) for g in grads))
@@ -144,14 +146,15 @@ def clip_grad_norm(params, max_norm: float, norm=None):
 
         g <- g * min(1, max_norm / norm)
 
-    Returns the norm before clipping (worth logging: spikes signal instability) as a 0-d array
-    on the gradients' device. ``norm``: the norm when the caller already has it (the trainer
-    reads it together with the loss, in one wait for the GPU).
+    Returns the norm before clipping (worth logging: spikes signal instability): a 0-d array
+    on the gradients' device, or ``norm`` itself when the caller passes it (the trainer reads
+    it on the host together with the loss, in one wait for the GPU).
 
     On a GPU, without ``norm``, nothing here waits for the device: the factor is computed there
     and every gradient is multiplied by it (by 1 when the norm is small) -- reading the norm on
     the host to decide would stall the step.
     """
+    params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return np.zeros((), np.float32)

@@ -111,15 +111,25 @@ def cut_point(text: str) -> int:
     return 0
 
 
-def cut_pieces(chunks, piece_chars: int):
+MAX_PIECE_FACTOR = 8  # a text with no safe cut in this many pieces' length is cut anyway
+
+
+def cut_pieces(chunks, piece_chars: int, max_chars: int | None = None):
     """Re-cut the chunks of one document into pieces of about ``piece_chars`` characters, each
-    ending where tokenization is unaffected (``cut_point``). Yields (text, ends_document)."""
+    ending where tokenization is unaffected (``cut_point``). Yields (text, ends_document).
+
+    A text with no space or newline for ``max_chars`` characters (default ``MAX_PIECE_FACTOR *
+    piece_chars``: minified JSON, base64, a script written without spaces) is cut anyway, so
+    memory stays bounded; the tokens at such a cut may differ from those of the uncut text."""
+    max_chars = MAX_PIECE_FACTOR * piece_chars if max_chars is None else max_chars
     carry = ""
     for chunk in chunks:
         carry += chunk
         if len(carry) < piece_chars:
             continue
         cut = cut_point(carry)
+        if not cut and len(carry) >= max_chars:
+            cut = piece_chars  # no safe place for too long: bound the memory instead
         if cut:  # else no safe place yet: read on
             yield carry[:cut], False
             carry = carry[cut:]

@@ -349,6 +349,9 @@ class Trainer:
                 if self.step % c.eval_interval == 0 or self.step == c.max_steps:
                     record = {"step": self.step, **self.evaluate(), "lr": self.optimizer.lr,
                               "tokens_per_s": tokens_per_s}
+                    if self.scaler:  # float16: how the loss scale fares (overflows skip steps)
+                        record.update(loss_scale=self.scaler.scale,
+                                      skipped_steps=self.skipped_steps)
                     self.log(record)
                     self._remember(record)
                     write(format_record(record))
@@ -360,6 +363,8 @@ class Trainer:
                         self.save()
                     if self.is_main:
                         plot_metrics(self.history, self.out_dir / "loss.png")
+                    if self.distributed is not None:  # rank 0 sampled and saved alone
+                        self.distributed.barrier("waiting for rank 0's checkpoint", timeout=None)
                     interval_start, interval_tokens = time.perf_counter(), 0
             interrupted = self.stopping() or self.step == stop_at < c.max_steps
             if interrupted and c.checkpoint_every_evaluation:

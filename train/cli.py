@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from tinygrad_llm import backend
 from tinygrad_llm.distributed import launched_ranks
@@ -73,12 +74,24 @@ def execute(run, args) -> int:
         backend.set_tf32(True)
     if getattr(args, "threads", None):
         backend.set_num_threads(args.threads)
-    code = _execute(run, args)
-    if code not in (0, 130) and launched_ranks() > 1 and "mpi4py.MPI" in sys.modules:
-        # one process of an MPI job failed: end the others now, not when their next
-        # collective times out
-        sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)
+    try:
+        code = _execute(run, args)
+    except BaseException:  # --debug re-raises; an error nobody expected
+        if launched_ranks() > 1:
+            traceback.print_exc()  # before MPI_Abort ends this process too
+        _end_mpi_job(1)
+        raise
+    if code != 0:
+        _end_mpi_job(code)
     return code
+
+
+def _end_mpi_job(code: int) -> None:
+    """One process of an MPI job failed or was interrupted: end the others now, rather than
+    when their next collective times out."""
+    if launched_ranks() > 1 and "mpi4py.MPI" in sys.modules:
+        sys.stderr.flush()
+        sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)
 
 
 def _execute(run, args) -> int:

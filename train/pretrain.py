@@ -251,7 +251,7 @@ def run(args) -> int:
                                resume=args.resume, overwrite=args.overwrite)
     if distributed is not None:
         distributed.use_device(args.device)  # on GPUs: one per rank, NCCL between them
-        distributed.barrier("waiting for rank 0 to prepare the run folder")
+        distributed.barrier("waiting for rank 0 to prepare the run folder", timeout=None)
         out = Path(args.out).resolve()
         if args.batch_size < distributed.size and not args.resume:
             raise UserError(f"--batch-size {args.batch_size} is the global batch, split over "
@@ -279,10 +279,10 @@ def run(args) -> int:
         run_info = {"tokens": data, "tokenizer": tokenizer.name, "val_fraction": val_fraction}
     else:
         if not main:  # rank 0 tokenizes into the run folder; the others read its files
-            distributed.barrier("waiting for rank 0 to tokenize the corpus")
+            distributed.barrier("waiting for rank 0 to tokenize the corpus", timeout=None)
         train_tokens, val_tokens = cached_token_files(data, tokenizer, out / "data", val_fraction)
         if main and distributed is not None:
-            distributed.barrier("waiting for rank 0 to tokenize the corpus")
+            distributed.barrier("waiting for rank 0 to tokenize the corpus", timeout=None)
         run_info = {"data": str(data), "tokenizer": tokenizer.name, "val_fraction": val_fraction}
     context = model.config.context_length
     for split, tokens in (("training", train_tokens), ("validation", val_tokens)):
@@ -292,6 +292,9 @@ def run(args) -> int:
                             "--context-length or another --val-fraction")
     task = LanguageModelingTask(tokenizer, train_tokens, val_tokens, context, config,
                                 extra={"run": run_info})  # what --resume needs to find the data
+    if config.dtype == "float16" and backend.normalize_device(args.device) == "cpu" and main:
+        print("warning: --dtype float16 on the CPU is far slower than float32 (NumPy has no fast "
+              "float16 matrix products); it is meant for --device cuda", file=sys.stderr)
     trainer = Trainer(model, task, config, out, show_progress=not args.quiet,
                       distributed=distributed)
     if checkpoint is not None:
