@@ -119,6 +119,21 @@ def _user_text(message: dict) -> str:
     return message["content"] + (f"\n\n{extra}" if extra else "")
 
 
+def _tagged(messages, header: str, end: str) -> str:
+    """The chat formats that wrap every turn in tags (phi3, chatml): ``header`` (with the role)
+    + content + ``end``; after a user turn, the assistant's header opens the answer."""
+    text = ""
+    for m in messages:
+        if m["role"] == "assistant":
+            text += f"{m['content']}{end}"
+        else:
+            content = _user_text(m) if m["role"] == "user" else m["content"]
+            text += header.format(role=m["role"]) + content + end
+            if m["role"] == "user":
+                text += header.format(role="assistant")
+    return text
+
+
 @dataclass(frozen=True)
 class Template:
     """How a conversation becomes text, and the strings that end a generated answer."""
@@ -147,28 +162,10 @@ class Template:
         return text
 
     def _phi3(self, messages) -> str:
-        text = ""
-        for m in messages:
-            if m["role"] == "assistant":
-                text += f"{m['content']}<|end|>\n"
-            else:
-                content = _user_text(m) if m["role"] == "user" else m["content"]
-                text += f"<|{m['role']}|>\n{content}<|end|>\n"
-                if m["role"] == "user":
-                    text += "<|assistant|>\n"
-        return text
+        return _tagged(messages, header="<|{role}|>\n", end="<|end|>\n")
 
     def _chatml(self, messages) -> str:
-        text = ""
-        for m in messages:
-            if m["role"] == "assistant":
-                text += f"{m['content']}<|im_end|>\n"
-            else:
-                content = _user_text(m) if m["role"] == "user" else m["content"]
-                text += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
-                if m["role"] == "user":
-                    text += "<|im_start|>assistant\n"
-        return text
+        return _tagged(messages, header="<|im_start|>{role}\n", end="<|im_end|>\n")
 
     def leaks(self, text: str) -> bool:
         """Whether generated text contains the template's own markers."""
