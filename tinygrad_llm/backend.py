@@ -218,11 +218,6 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def num_threads() -> int:
-    """The threads the library splits CPU work over (1 until ``set_num_threads``)."""
-    return _threads
-
-
 def set_num_threads(threads: int | None = None) -> int:
     """Split CPU work over ``threads`` threads (default: ``default_threads()``), with BLAS on one
     thread each. Returns the number used."""
@@ -241,7 +236,7 @@ def set_num_threads(threads: int | None = None) -> int:
 
 
 def _split(body, arrays, count: int, work: int) -> None:
-    """body(*blocks) over ``num_threads()`` ranges of axis 0 of ``arrays``, at once."""
+    """body(*blocks) over ``_threads`` ranges of axis 0 of ``arrays``, at once."""
     global _pool
     threads = min(_threads, count)
     if threads < 2 or work < PARALLEL_MIN_ELEMENTS or get_array_module(arrays[0]) is not np:
