@@ -115,6 +115,7 @@ class DataParallel:
                 print(f"rank {self.rank}: {what} did not complete within {timeout:.0f} s: "
                       "another process died or hangs; ending the job (the last checkpoint is "
                       "intact; continue with --resume)", file=sys.stderr, flush=True)
+                time.sleep(0.5)  # let mpiexec forward that line before Abort kills the job
                 self.comm.Abort(1)
             time.sleep(0.0005)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 
 from tinygrad_llm import backend
@@ -90,7 +91,11 @@ def _end_mpi_job(code: int) -> None:
     """One process of an MPI job failed or was interrupted: end the others now, rather than
     when their next collective times out."""
     if launched_ranks() > 1 and "mpi4py.MPI" in sys.modules:
+        sys.stdout.flush()
         sys.stderr.flush()
+        # mpiexec forwards each rank's output through a pipe; Abort kills the job at once and
+        # can drop lines still in that pipe (the error message itself). A moment lets them out.
+        time.sleep(0.5)
         sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)
 
 
