@@ -10,6 +10,7 @@ from tinygrad_llm.generate import (
     generate,
     generate_text,
     generate_tokens,
+    next_token_distribution,
     sample_next,
     stream_text,
 )
@@ -69,6 +70,24 @@ def test_top_k_and_top_p_keep_only_the_most_likely(device):
                                [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0, 0], atol=0.015)
     # the top token alone already covers p
     assert frequencies(LOGITS, device=device, top_p=0.3)[0] == 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule", [{}, {"temperature": 0.5}, {"temperature": 2.0}, {"top_k": 2},
+                                  {"top_p": 0.8}, {"top_k": 3, "top_p": 0.6},
+                                  {"temperature": 0}], ids=str)
+def test_the_distribution_shown_is_the_one_sampled(device, rule):
+    shuffled = LOGITS[[3, 0, 4, 1, 2]]  # not sorted: top-p must put ids back in place
+    shown = backend.to_numpy(next_token_distribution(backend.to_device(shuffled[None], device),
+                                                     **rule))[0]
+    assert shown.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(frequencies(shuffled, device=device, **rule), shown, atol=0.015)
+
+
+def test_the_distribution_of_top_p_by_hand():
+    # 0.5 + 0.25 < 0.8: the third token (0.15) is needed; renormalised over 0.9
+    np.testing.assert_allclose(next_token_distribution(LOGITS[None], top_p=0.8)[0],
+                               [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0, 0])
 
 
 def test_seed_makes_sampling_reproducible(model):

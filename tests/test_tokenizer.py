@@ -1,12 +1,16 @@
 """Tokenizers: GPT-2's known ids, round trips, unknown words, characters, config round trips."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tinygrad_llm.data import SHAKESPEARE, read_corpus
 from tinygrad_llm.tokenizer import (
     CharTokenizer,
     GPT2Tokenizer,
+    bpe_steps,
     get_tokenizer,
+    learn_bpe,
     tokenizer_from_config,
 )
 
@@ -68,3 +72,43 @@ def test_unknown_tokenizer_names_are_refused():
         get_tokenizer("sentencepiece")
     with pytest.raises(ValueError, match="unknown tokenizer type"):
         tokenizer_from_config({"type": "bpe"})
+
+
+# ------------------------------------------------------------- byte-pair encoding by hand
+@settings(max_examples=60)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=40))
+def test_the_slow_bpe_loop_gives_tiktokens_ids(text):
+    from tinygrad_llm.tokenizer import bpe_encode
+
+    assert bpe_encode(text) == GPT2Tokenizer().encode(text, allow_special=False)
+
+
+def test_bpe_steps_merge_the_lowest_rank_first():
+    ranks = {b"a": 0, b"b": 1, b"c": 2, b"bc": 3, b"ab": 4, b"abc": 5}
+    steps = bpe_steps("abc", ranks)
+    # bc (rank 3) is merged before ab (rank 4); then a + bc = abc (rank 5)
+    assert [s[0] for s in steps] == [[b"a", b"b", b"c"], [b"a", b"bc"], [b"abc"]]
+    assert [s[2] for s in steps] == [3, 5, None]
+
+
+def test_learn_bpe_merges_the_most_frequent_pair_each_time():
+    # the classic example: aaabdaaabac; pairs aa (4, overlapping), ab (2) ...
+    merges = learn_bpe("aaabdaaabac", 3)
+    assert merges[0] == (b"a", b"a")
+    # an independent recount after each merge: each learned pair was the most frequent then
+    tokens = [bytes([c]) for c in b"aaabdaaabac"]
+    for pair in merges:
+        counts = {}
+        for p in zip(tokens, tokens[1:], strict=False):
+            counts[p] = counts.get(p, 0) + 1
+        assert counts[pair] == max(counts.values())
+        merged, i = [], 0
+        while i < len(tokens):
+            if tuple(tokens[i:i + 2]) == pair:
+                merged.append(pair[0] + pair[1])
+                i += 2
+            else:
+                merged.append(tokens[i])
+                i += 1
+        tokens = merged
+    assert tokens == [b"aaab", b"d", b"aaab", b"a", b"c"]

@@ -24,18 +24,10 @@ from .tensor import no_grad
 
 
 # ------------------------------------------------------------------------------ sampling
-def sample_next(logits, rng, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None):
-    """Pick one id per row of ``logits`` (B, V), on the device the logits live on.
-
-    temperature 0 is greedy (argmax); below 1 sharpens the distribution, above 1 flattens it.
-    top_k keeps the k most likely tokens; top_p keeps the smallest set of most likely tokens
-    whose probabilities add up to at least p (nucleus sampling). Then one id is drawn from what
-    is left, renormalised. ``rng`` is a random Generator of the logits' array module (NumPy's
-    or CuPy's); nothing here reads the GPU from the host.
-    """
-    if temperature == 0:
-        return logits.argmax(axis=-1)
+def _filtered(logits, temperature: float, top_k: int | None, top_p: float | None):
+    """(probs, order): the probabilities left after temperature, top-k and top-p, not yet
+    renormalised. ``order`` is None when ``probs`` are in vocabulary order; with top_p they are
+    sorted most likely first and ``order`` (B, V) holds their token ids."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     xp = backend.get_array_module(logits)
@@ -46,12 +38,45 @@ def sample_next(logits, rng, temperature: float = 1.0, top_k: int | None = None,
         logits = xp.where(logits < kth, -xp.inf, logits)
     probs = xp.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
-    order = None  # probs are in vocabulary order, or (with top_p) most likely first
+    order = None
     if top_p is not None and top_p < 1.0:
         order = xp.argsort(-probs, axis=-1)  # (B, V) ids, most likely first
         probs = xp.take_along_axis(probs, order, axis=-1)
         before = xp.cumsum(probs, axis=-1) - probs  # mass of the more likely ones
         probs = xp.where(before >= top_p, 0.0, probs)  # drop a token once those above reach p
+    return probs, order
+
+
+def next_token_distribution(logits, temperature: float = 1.0, top_k: int | None = None,
+                            top_p: float | None = None):
+    """What ``sample_next`` draws from: (B, V) probabilities in vocabulary order, each row
+    summing to 1 (temperature 0: all of it on the argmax). For tables and tests; sampling
+    itself never builds this array in vocabulary order."""
+    xp = backend.get_array_module(logits)
+    if temperature == 0:
+        return (xp.arange(logits.shape[-1]) == logits.argmax(axis=-1)[:, None]).astype(xp.float64)
+    probs, order = _filtered(logits, temperature, top_k, top_p)
+    if order is not None:  # back from most-likely-first to vocabulary order
+        probs = xp.take_along_axis(probs, xp.argsort(order, axis=-1), axis=-1)
+    return probs / probs.sum(axis=-1, keepdims=True)
+
+
+def sample_next(logits, rng, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None):
+    """Pick one id per row of ``logits`` (B, V), on the device the logits live on.
+
+    temperature 0 is greedy (argmax); below 1 sharpens the distribution, above 1 flattens it.
+    top_k keeps the k most likely tokens; top_p keeps the smallest set of most likely tokens
+    whose probabilities add up to at least p (nucleus sampling). Then one id is drawn from what
+    is left, renormalised (``next_token_distribution`` shows that distribution). ``rng`` is a
+    random Generator of the logits' array module (NumPy's or CuPy's); nothing here reads the
+    GPU from the host.
+    """
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    xp = backend.get_array_module(logits)
+    probs, order = _filtered(logits, temperature, top_k, top_p)
+    vocab = logits.shape[-1]
     cumulative = probs.cumsum(axis=-1)  # inverse-CDF sampling: one uniform number per row
     u = rng.random((probs.shape[0], 1)) * cumulative[:, -1:]  # scaled: what is left sums to 1
     picked = xp.minimum((cumulative <= u).sum(axis=-1), vocab - 1)  # (B,) positions

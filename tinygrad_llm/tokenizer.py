@@ -106,3 +106,82 @@ def get_tokenizer(name: str, text: str | None = None):
             raise ValueError("a character tokenizer is built from a corpus: pass its text")
         return CharTokenizer.from_text(text)
     raise ValueError(f"unknown tokenizer {name!r}; choose 'gpt2' or 'char'")
+
+
+# ------------------------------------------------------------- byte-pair encoding by hand
+# tiktoken runs the merge loop (in Rust). The functions below run the same algorithm in plain
+# Python, slowly, to show what it does: tests check they give tiktoken's ids.
+@functools.lru_cache(maxsize=1)
+def gpt2_ranks() -> dict[bytes, int]:
+    """GPT-2's vocabulary: byte string -> rank (= token id). The 256 single bytes come first,
+    then the merged pairs in the order they were learned: a lower rank was a more frequent pair."""
+    from tiktoken.load import load_tiktoken_bpe
+
+    return load_tiktoken_bpe(str(GPT2_RANKS))
+
+
+def split_pieces(text: str) -> list[str]:
+    """Pre-tokenization: ``text`` cut by GPT2_PATTERN. A merge never crosses two pieces."""
+    import regex  # tiktoken's own dependency: Python's re has no \\p{L}
+
+    return regex.findall(GPT2_PATTERN, text)
+
+
+def bpe_steps(piece: str, ranks: dict | None = None) -> list[tuple]:
+    """Encode one piece step by step: [(parts, pair merged next, its rank)], the last entry
+    (final parts, None, None). ``parts`` are the current tokens as byte strings.
+
+    Start from the piece's bytes; at each step merge the adjacent pair whose concatenation has
+    the lowest rank (the leftmost such pair), until no adjacent pair is in the vocabulary.
+    """
+    ranks = gpt2_ranks() if ranks is None else ranks
+    parts = [bytes([b]) for b in piece.encode("utf-8")]
+    steps = []
+    while True:
+        candidates = [(ranks[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))
+                      if a + b in ranks]
+        if not candidates:
+            steps.append((parts, None, None))
+            return steps
+        rank, i = min(candidates)  # lowest rank; on a tie the leftmost
+        steps.append((parts, (parts[i], parts[i + 1]), rank))
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+
+
+def bpe_encode(text: str) -> list[int]:
+    """GPT-2 ids of ``text`` by the slow loop above (no special tokens): tiktoken's result."""
+    ranks = gpt2_ranks()
+    return [ranks[part] for piece in split_pieces(text) for part in bpe_steps(piece, ranks)[-1][0]]
+
+
+def learn_bpe(text: str, num_merges: int) -> list[tuple[bytes, bytes]]:
+    """Learn merges as GPT-2's were learned, on a toy scale: count every adjacent pair of tokens
+    inside the pieces of ``text`` (bytes at first), merge the most frequent pair everywhere (on a
+    tie: the pair seen first), repeat. Returns the merges in order: merge n gets rank 256 + n."""
+    words = {}  # each distinct piece as a tuple of tokens -> how often it occurs
+    for piece in split_pieces(text):
+        key = tuple(bytes([b]) for b in piece.encode("utf-8"))
+        words[key] = words.get(key, 0) + 1
+    merges = []
+    for _ in range(num_merges):
+        counts = {}  # dicts keep insertion order: the first pair seen wins a tie
+        for word, n in words.items():
+            for pair in zip(word, word[1:], strict=False):
+                counts[pair] = counts.get(pair, 0) + n
+        if not counts:
+            break  # every piece is a single token
+        best = max(counts, key=counts.get)
+        merges.append(best)
+        merged = {}
+        for word, n in words.items():
+            tokens, i = [], 0
+            while i < len(word):
+                if word[i:i + 2] == best:
+                    tokens.append(best[0] + best[1])
+                    i += 2
+                else:
+                    tokens.append(word[i])
+                    i += 1
+            merged[tuple(tokens)] = merged.get(tuple(tokens), 0) + n
+        words = merged
+    return merges
