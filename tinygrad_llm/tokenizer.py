@@ -138,8 +138,8 @@ def bpe_steps(piece: str, ranks: dict | None = None) -> list[tuple]:
     parts = [bytes([b]) for b in piece.encode("utf-8")]
     steps = []
     while True:
-        candidates = [(ranks[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:], strict=False))
-                      if a + b in ranks]
+        pairs = zip(parts, parts[1:], strict=False)  # (parts[i], parts[i + 1])
+        candidates = [(ranks[a + b], i) for i, (a, b) in enumerate(pairs) if a + b in ranks]
         if not candidates:
             steps.append((parts, None, None))
             return steps
