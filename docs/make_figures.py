@@ -198,7 +198,17 @@ def classification(work, img, plt, fig) -> None:
     figure.tight_layout()
     figure.savefig(img / "classification.png")
     plt.close(figure)
-    fig["spam.test_accuracy"] = f"{result['test_accuracy']:.2f}"
+    fig["spam.test_accuracy"] = f"{result['test_accuracy']:.4f}"
+    fig["spam.val_accuracy"] = f"{result['val_accuracy']:.4f}"
+    fig["spam.best_epoch"] = str(result["best_epoch"])
+    for name in ("precision", "recall", "f1"):
+        fig[f"spam.{name}"] = f"{result[f'test_{name}']:.3f}"
+    fig["spam.confusion"] = str(result["test_confusion_matrix"])
+    line = subprocess.run([sys.executable, "-m", "tinygrad_llm.train.cli", "classify",
+                           "--checkpoint", str(work / "spam"),
+                           "WINNER!! Claim your free prize, call 09061701461"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    fig["spam.classify"] = f"`{line}`"
     fig["spam.epochs"] = str(records[-1]["epoch"])
 
 
@@ -219,7 +229,7 @@ def instruction(work, img, plt, fig) -> None:
     fig["sft.n_test"] = str(s["splits"]["test"])
     fig["lora.test_loss"] = f"{lo['test_loss']:.2f}"
     fig["lora.percent"] = f"{100 * lo['trainable_params'] / lo['total_params']:.0f}%"
-    records, d = metrics(work / "dpo"), summary(work / "dpo")
+    records = metrics(work / "dpo")
     figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     curves(axes[0], records, ["train_loss", "val_loss"], ["train", "validation"], "DPO loss")
     curves(axes[1], records, ["train_reward_margin", "val_reward_margin"],
@@ -232,7 +242,6 @@ def instruction(work, img, plt, fig) -> None:
     plt.close(figure)
     fig["dpo.val_reward_accuracy"] = f"{records[-1]['val_reward_accuracy']:.2f}"
     fig["dpo.val_reward_margin"] = f"{records[-1]['val_reward_margin']:.2f}"
-    fig["dpo.keys"] = ", ".join(f"`{k}`" for k in sorted(d) if not isinstance(d[k], dict))
 
 
 def attention_weights(model, ids) -> np.ndarray:
@@ -268,26 +277,32 @@ def attention(work, img, plt, fig) -> None:
     labels = ["\\n" if ch == "\n" else ("␣" if ch == " " else ch) for ch in line[:len(ids)]]
     layers = [0, len(maps) - 1]
     heads = maps.shape[1]
-    figure, axes = plt.subplots(len(layers), heads, figsize=(3.2 * heads, 3.4 * len(layers)))
+    figure, axes = plt.subplots(len(layers), heads, figsize=(4.2 * heads, 4.4 * len(layers)))
     for row, layer in enumerate(layers):
         for head in range(heads):
             ax = axes[row, head]
             ax.imshow(maps[layer, head], cmap="viridis", vmin=0, vmax=1)
             ax.set_title(f"layer {layer}, head {head}", fontsize=9)
-            ax.set_xticks(range(len(labels)), labels, fontsize=4.5)
-            ax.set_yticks(range(len(labels)), labels, fontsize=4.5)
+            ax.set_xticks(range(len(labels)), labels, fontsize=5)
+            ax.set_yticks(range(len(labels)), labels, fontsize=5)
             ax.grid(False)
     figure.supxlabel("key (the position attended to)")
     figure.supylabel("query (the position attending)")
     figure.tight_layout()
-    figure.savefig(img / "attention.png", dpi=130)
+    figure.savefig(img / "attention.png", dpi=110)
     plt.close(figure)
-    # the character each head of the last layer attends to most from the final "?"
-    last = maps[-1][:, -1]  # (H, T)
-    fig["attention.last_row"] = table(
-        ["head (last layer)", "most attended from the final `?`", "weight"],
-        [[h, f"`{labels[int(np.argmax(last[h]))]}` (position {int(np.argmax(last[h]))})",
-          f"{last[h].max():.2f}"] for h in range(heads)])
+    # what each head does, in three numbers averaged over the query positions
+    T = len(ids)
+    back = np.maximum(0, np.arange(T)[:, None] - np.arange(T)[None, :])  # (T, T) distances
+    rows = []
+    for layer in layers:
+        for head in range(heads):
+            w = maps[layer, head]
+            rows.append([layer, head, f"{np.diag(w).mean():.2f}",
+                         f"{np.diag(w, -1).mean():.2f}", f"{(w * back).sum(1).mean():.1f}"])
+    fig["attention.heads"] = table(["layer", "head", "weight on itself",
+                                    "weight on the previous character",
+                                    "mean distance looked back (characters)"], rows)
     fig["attention.line_length"] = str(len(ids))
 
 
@@ -321,10 +336,10 @@ def block_diagram(work, img, plt, fig) -> None:
         ax.add_patch(plt.Rectangle((0.05, y - 0.35), 0.55, 0.7, facecolor="#dbe9f6" if inside
                                    else "#eeeeee", edgecolor="black"))
         ax.text(0.325, y, what, ha="center", va="center", fontsize=9)
-        ax.text(0.63, y, shape, ha="left", va="center", fontsize=8.5, family="monospace")
+        ax.text(0.68, y, shape, ha="left", va="center", fontsize=8.5, family="monospace")
         if i:
             ax.annotate("", (0.325, y + 0.35), (0.325, y + 0.65),
-                        arrowprops={"arrowstyle": "<-"})
+                        arrowprops={"arrowstyle": "->"})
     ax.add_patch(plt.Rectangle((0.02, n - 8.5), 0.61, 7.0, fill=False, linestyle="--"))
     ax.text(0.0, n - 5, f"block x {c.n_layer}", rotation=90, ha="right", va="center")
     ax.set_xlim(-0.08, 1.15)

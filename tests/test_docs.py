@@ -259,7 +259,8 @@ def test_the_figure_script_runs_end_to_end(tmp_path):
     pytest.importorskip("matplotlib")
     done = subprocess.run([sys.executable, str(DOCS / "make_figures.py"), "--quick", "--work",
                            str(tmp_path / "runs"), "--img", str(tmp_path / "img"),
-                           "--pages", "none"], capture_output=True, text=True, timeout=1200)
+                           "--pages", "none"], capture_output=True, text=True, timeout=1200,
+                          env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **os.environ})
     assert done.returncode == 0, done.stderr[-3000:]
     values = json.loads((tmp_path / "img" / "figures.json").read_text())
     committed = json.loads((DOCS / "img" / "figures.json").read_text())
