@@ -256,17 +256,32 @@ def _split(body, arrays, count: int, work: int) -> None:
             done.result()  # waits, and raises what a block raised
 
 
-def parallel_rows(body, *arrays) -> None:
+# An op made of several elementwise passes (GELU: eight) reads and writes its whole array once
+# per pass. When the array is larger than the cache, every pass goes to memory; run on blocks of
+# rows that fit in the cache instead, all passes but the first find their data there.
+CACHE_BLOCK_ELEMENTS = 1 << 15  # per array: 128 KiB of float32, a few arrays fit in L2
+
+
+def parallel_rows(body, *arrays, cache_blocks: bool = False) -> None:
     """Run ``body(*blocks)`` on blocks of rows of ``arrays``, one block per thread, at once.
 
     arrays: NumPy arrays whose leading dimensions agree, e.g. x (..., C), out (..., C) and
     rstd (..., 1); each is seen as (N, C) and the N rows are split. Outputs must be
     C-contiguous (their blocks are views that ``body`` writes through); arrays every row shares,
     like a weight, reach ``body`` by closure. On a GPU, with one thread, or for small arrays:
-    ``body(*arrays)``, once.
+    ``body(*arrays)``, once. ``cache_blocks``: each thread walks its rows in blocks of about
+    CACHE_BLOCK_ELEMENTS (for bodies of several passes over their arrays; on NumPy only).
     """
     first = arrays[0]
     rows = first.size // first.shape[-1] if first.ndim and first.shape[-1] else 1
+    if cache_blocks and get_array_module(first) is np and first.size > 2 * CACHE_BLOCK_ELEMENTS:
+        step = max(1, CACHE_BLOCK_ELEMENTS // max(1, first.size // rows))  # rows per block
+
+        def blocked(*blocks, body=body):
+            for start in range(0, len(blocks[0]), step):
+                body(*[b[start:start + step] for b in blocks])
+
+        body = blocked
     _split(body, [a.reshape(rows, -1) for a in arrays], rows, first.size)
 
 

@@ -229,7 +229,7 @@ class GELU(Function):
             return cuda_kernels.gelu_forward(x)
         x = xp.ascontiguousarray(x)
         t, y = xp.empty_like(x), xp.empty_like(x)
-        backend.parallel_rows(_gelu_forward_rows, x, t, y)  # blocks of rows on every core
+        backend.parallel_rows(_gelu_forward_rows, x, t, y, cache_blocks=True)  # rows, all cores
         self.x, self.t = x, t
         return y
 
@@ -239,7 +239,8 @@ class GELU(Function):
         x, t = self.x, self.t
         xp = get_xp(x)
         dx = xp.empty_like(x)
-        backend.parallel_rows(_gelu_backward_rows, x, t, xp.ascontiguousarray(g), dx)
+        backend.parallel_rows(_gelu_backward_rows, x, t, xp.ascontiguousarray(g), dx,
+                              cache_blocks=True)
         return dx
 
 

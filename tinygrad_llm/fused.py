@@ -327,7 +327,7 @@ class LayerNorm(Function):
         xhat, y = xp.empty_like(x), xp.empty_like(x)
         rstd = xp.empty(x.shape[:-1] + (1,), x.dtype)
         rows = functools.partial(_layer_norm_rows, weight=weight, bias=bias, eps=eps)
-        backend.parallel_rows(rows, x, xhat, rstd, y)  # blocks of rows on every core
+        backend.parallel_rows(rows, x, xhat, rstd, y, cache_blocks=True)  # rows, all cores
         self.xhat, self.rstd = xhat, rstd
         return y
 
@@ -343,7 +343,7 @@ class LayerNorm(Function):
         elif self.needs_input_grad[0]:
             gx = xp.empty_like(g)
             rows = functools.partial(_layer_norm_backward_rows, weight=self.weight)
-            backend.parallel_rows(rows, g, xhat, rstd, gx)
+            backend.parallel_rows(rows, g, xhat, rstd, gx, cache_blocks=True)
         gw = sum_leading(g * xhat) if self.needs_input_grad[1] else None
         if not self.has_bias:
             return gx, gw
