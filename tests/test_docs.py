@@ -2,10 +2,12 @@
 
 * Every ```sh and ```python block of README.md and docs/*.md runs here, in order, page by page,
   each page in a scratch folder of its own (README's runs are the models other pages use), or
-  says on the line before it why not: ``<!-- not run: REASON -->``. Long commands run with the
-  cap docs/make_figures.py's SHORTER appends (``--steps 6``, a few dozen examples ...), so every
-  flag a page shows is parsed and every pipeline runs, in seconds instead of an hour (a
-  ``--data`` the page gives is kept). ``pip install`` lines are left out: .ci/run installs.
+  says on the line before it why not: ``<!-- not run: REASON -->``. A block marked
+  ``<!-- runs in the background ... -->`` (a server) is started, and stopped at the page's end.
+  Long commands run with the cap docs/make_figures.py's SHORTER appends (``--steps 6``, a few
+  dozen examples ...), so every flag a page shows is parsed and every pipeline runs, in seconds
+  instead of an hour (a ``--data`` the page gives is kept). ``pip install`` lines are left
+  out: .ci/run installs.
   ```python blocks that start with ``>>>`` are doctests: their printed results are checked.
 * Every number a page quotes between ``<!--fig:KEY-->`` and ``<!--/fig-->`` is the value
   docs/make_figures.py wrote to docs/img/figures.json; every image a page shows exists.
@@ -23,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +46,7 @@ LIFE = ["autograd", "tokenization", "attention", "gpt", "pretraining", "generati
         "performance"]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)
 NOT_RUN = re.compile(r"<!-- not run: (.+?) -->\n$")
+BACKGROUND = re.compile(r"<!-- runs in the background while the page's other blocks run -->\n$")
 USES = re.compile(r"<!-- uses from README: ([\w ]+) -->")
 SKIP_UNDER_FAKE_CUDA = os.environ.get("TINYGRAD_LLM_FAKE_CUDA") == "1"
 runs_commands = pytest.mark.skipif(SKIP_UNDER_FAKE_CUDA,
@@ -58,15 +62,26 @@ def blocks(page: Path) -> list[dict]:
         reason = NOT_RUN.search(before[-300:])
         found.append({"lang": match.group(1), "code": match.group(2),
                       "line": before.count("\n") + 1,
-                      "not_run": reason.group(1) if reason else None})
+                      "not_run": reason.group(1) if reason else None,
+                      "background": bool(BACKGROUND.search(before[-300:]))})
     return found
 
 
 def commands(code: str) -> list[str]:
-    """The command lines of a shell block, continuation lines joined; ``pip install`` lines are
-    left out: they are the install .ci/run itself performs."""
-    return [line for line in code.replace("\\\n", " ").splitlines()
-            if line.strip() and not line.lstrip().startswith(("#", "pip install"))]
+    """The commands of a shell block: continuation lines joined, and lines joined while a quote
+    is open (a JSON body over two lines); ``pip install`` lines are left out: they are the
+    install .ci/run itself performs."""
+    found, pending = [], ""
+    for line in code.replace("\\\n", " ").splitlines():
+        pending = f"{pending}\n{line}" if pending else line
+        try:
+            shlex.split(pending, comments=True)
+        except ValueError:  # a quote still open
+            continue
+        if pending.strip() and not pending.lstrip().startswith(("#", "pip install")):
+            found.append(pending)
+        pending = ""
+    return found
 
 
 # --------------------------------------------------------------------------- the world
@@ -106,6 +121,36 @@ def program() -> list[str]:
     return [str(here)] if here.exists() else [sys.executable, "-m", "tinygrad_llm.train.cli"]
 
 
+def start_server(line: str, cwd: Path) -> subprocess.Popen:
+    """A ``tinygrad-llm serve`` line of a background block, started; returns once it answers."""
+    argv = shlex.split(line, comments=True)
+    port = int(argv[argv.index("--port") + 1]) if "--port" in argv else 8000
+    log = cwd / f"server-{port}.log"
+    with open(log, "w") as out:  # a file: a pipe nobody reads could fill and stall the server
+        server = subprocess.Popen(program() + argv[1:], cwd=cwd, env=command_env(),
+                                  stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"`{line}` ended (exit {server.returncode}):\n{log.read_text()}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+            return server
+        except OSError:
+            time.sleep(0.3)
+    server.kill()
+    pytest.fail(f"`{line}` did not answer on port {port} within 120 s")
+
+
+def command_env() -> dict:
+    # one BLAS thread: these runs check that commands work, and threads that spin on a busy
+    # 2-core machine (pytest-xdist, a training run beside) would slow them tenfold
+    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **os.environ,
+           "PYTHONPATH": str(ROOT)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
 def run_command(line: str, cwd: Path, small: Path) -> None:
     argv = shlex.split(line, comments=True)
     if "tinygrad-llm" not in argv:
@@ -119,13 +164,8 @@ def run_command(line: str, cwd: Path, small: Path) -> None:
             if found is None:
                 pytest.skip(f"{argv[0]} is not installed (the distributed extra)")
             argv[0] = found
-    # one BLAS thread: these runs check that commands work, and threads that spin on a busy
-    # 2-core machine (pytest-xdist, a training run beside) would slow them tenfold
-    env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **os.environ,
-           "PYTHONPATH": str(ROOT)}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     started = time.monotonic()
-    done = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+    done = subprocess.run(argv, cwd=cwd, env=command_env(), stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=600)
     if os.environ.get("TINYGRAD_LLM_DOCS_TIMES"):
         print(f"{time.monotonic() - started:6.1f} s  {line}", file=sys.__stderr__)
@@ -155,16 +195,22 @@ def run_page(page: Path, directory: Path, small: Path, readme: Path | None) -> N
     globs: dict = {"__name__": "__docs__"}
     cwd, printing = os.getcwd(), np.get_printoptions()
     os.chdir(directory)
+    servers = []
     try:
         for block in blocks(page):
             if block["lang"] not in ("sh", "python") or block["not_run"]:
                 continue
-            if block["lang"] == "sh":
+            if block["background"]:
+                servers += [start_server(line, directory) for line in commands(block["code"])]
+            elif block["lang"] == "sh":
                 for line in commands(block["code"]):
                     run_command(line, directory, small)
             else:
                 run_python(block["code"], page.name, block["line"], globs)
     finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=30)
         os.chdir(cwd)
         np.set_printoptions(**printing)  # a page may change NumPy's; the next starts afresh
 
