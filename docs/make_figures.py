@@ -139,6 +139,18 @@ def curves(ax, records, keys, labels=None, ylabel=""):
     ax.legend()
 
 
+def save(plt, figure, path, dpi=None) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+
+
+def cli(*argv: str) -> str:
+    """What ``tinygrad-llm ARGV...`` prints, run as a user would (an error stops the script)."""
+    return subprocess.run([sys.executable, "-m", "tinygrad_llm.train.cli", *argv],
+                          capture_output=True, text=True, check=True).stdout
+
+
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -155,9 +167,7 @@ def pretraining(work, img, plt, fig) -> None:
     curves(axes[1], base, ["train_loss", "val_loss"], ["train", "validation"],
            "cross-entropy (nats per GPT-2 token)")
     axes[1].set_title("GPT-2-token base (--tokenizer gpt2 --context-length 128)")
-    figure.tight_layout()
-    figure.savefig(img / "pretraining-loss.png")
-    plt.close(figure)
+    save(plt, figure, img / "pretraining-loss.png")
     fig["char.table"] = table(["step", "train loss", "validation loss"],
                               [[r["step"], f"{r['train_loss']:.3f}", f"{r['val_loss']:.3f}"]
                                for r in char if r["step"] % 500 == 0 or r is char[-1]])
@@ -182,9 +192,7 @@ def pretraining(work, img, plt, fig) -> None:
                                                                    f"({c.warmup_steps})")
     ax.set(xlabel="step", ylabel="learning rate")
     ax.legend()
-    figure.tight_layout()
-    figure.savefig(img / "lr-schedule.png")
-    plt.close(figure)
+    save(plt, figure, img / "lr-schedule.png")
 
 
 def classification(work, img, plt, fig) -> None:
@@ -195,19 +203,15 @@ def classification(work, img, plt, fig) -> None:
     curves(axes[1], records, ["train_accuracy", "val_accuracy"], ["train", "validation"],
            "accuracy")
     figure.suptitle("finetune-classifier on the SMS Spam Collection (balanced)")
-    figure.tight_layout()
-    figure.savefig(img / "classification.png")
-    plt.close(figure)
+    save(plt, figure, img / "classification.png")
     fig["spam.test_accuracy"] = f"{result['test_accuracy']:.4f}"
     fig["spam.val_accuracy"] = f"{result['val_accuracy']:.4f}"
     fig["spam.best_epoch"] = str(result["best_epoch"])
     for name in ("precision", "recall", "f1"):
         fig[f"spam.{name}"] = f"{result[f'test_{name}']:.3f}"
     fig["spam.confusion"] = str(result["test_confusion_matrix"])
-    line = subprocess.run([sys.executable, "-m", "tinygrad_llm.train.cli", "classify",
-                           "--checkpoint", str(work / "spam"),
-                           "WINNER!! Claim your free prize, call 09061701461"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    line = cli("classify", "--checkpoint", str(work / "spam"),
+               "WINNER!! Claim your free prize, call 09061701461").strip()
     fig["spam.classify"] = f"`{line}`"
     fig["spam.epochs"] = str(records[-1]["epoch"])
 
@@ -220,9 +224,7 @@ def instruction(work, img, plt, fig) -> None:
     axes[0].set_title(f"full finetuning ({s['trainable_params'] / 1e6:.1f}M trained)")
     curves(axes[1], lora, ["train_loss", "val_loss"], ["train", "validation"])
     axes[1].set_title(f"LoRA rank 16 ({lo['trainable_params'] / 1e6:.2f}M trained)")
-    figure.tight_layout()
-    figure.savefig(img / "instruction.png")
-    plt.close(figure)
+    save(plt, figure, img / "instruction.png")
     fig["sft.initial_test_loss"] = f"{s['initial_test_loss']:.2f}"
     fig["sft.test_loss"] = f"{s['test_loss']:.2f}"
     fig["sft.well_formed"] = f"{round(s['well_formed_rate'] * s['splits']['test'])}"
@@ -237,9 +239,7 @@ def instruction(work, img, plt, fig) -> None:
     curves(axes[2], records, ["train_reward_accuracy", "val_reward_accuracy"],
            ["train", "validation"], "reward accuracy")
     figure.suptitle("finetune-dpo on the instruction follower")
-    figure.tight_layout()
-    figure.savefig(img / "dpo.png")
-    plt.close(figure)
+    save(plt, figure, img / "dpo.png")
     fig["dpo.val_reward_accuracy"] = f"{records[-1]['val_reward_accuracy']:.2f}"
     fig["dpo.val_reward_margin"] = f"{records[-1]['val_reward_margin']:.2f}"
 
@@ -288,9 +288,7 @@ def attention(work, img, plt, fig) -> None:
             ax.grid(False)
     figure.supxlabel("key (the position attended to)")
     figure.supylabel("query (the position attending)")
-    figure.tight_layout()
-    figure.savefig(img / "attention.png", dpi=110)
-    plt.close(figure)
+    save(plt, figure, img / "attention.png", dpi=110)
     # what each head does, in three numbers averaged over the query positions
     T = len(ids)
     back = np.maximum(0, np.arange(T)[:, None] - np.arange(T)[None, :])  # (T, T) distances
@@ -346,9 +344,7 @@ def block_diagram(work, img, plt, fig) -> None:
     ax.set_ylim(0.3, n + 0.7)
     ax.set_title(f"the default model: {c.n_layer} layers, {H} heads, C={C}, T={T}, vocab {V}; "
                  f"batch {B}", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(img / "gpt-block.png")
-    plt.close(figure)
+    save(plt, figure, img / "gpt-block.png")
     fig["char.params"] = f"{model.num_params():,}"
 
 
@@ -368,11 +364,9 @@ def sampling(work, img, plt, fig) -> None:
                                          zip(words, logits[0], strict=True)]], rows)
     samples = []
     for temperature in ("0.5", "1.0", "1.5"):  # the command itself, as the page shows it
-        text = subprocess.run(
-            [sys.executable, "-m", "tinygrad_llm.train.cli", "generate", "--checkpoint",
-             str(work / "char" / "checkpoint"), "--prompt", "ROMEO:", "--temperature",
-             temperature, "--seed", "1", "--max-new-tokens", "120"],
-            capture_output=True, text=True, check=True).stdout
+        text = cli("generate", "--checkpoint", str(work / "char" / "checkpoint"), "--prompt",
+                   "ROMEO:", "--temperature", temperature, "--seed", "1",
+                   "--max-new-tokens", "120")
         samples.append(f"--- temperature {temperature} ---\n{text.rstrip()}")
     fig["sampling.samples"] = "```text\n" + "\n".join(samples) + "\n```"
 
@@ -484,9 +478,7 @@ def backward_graph(work, img, plt, fig) -> None:
     ax.set_ylim(-0.5, 2.5)
     ax.set_title("forward values (black), gradients from backward (red); x feeds two nodes, "
                  "so its gradient is a sum", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(img / "backward-graph.png")
-    plt.close(figure)
+    save(plt, figure, img / "backward-graph.png")
 
 
 def pretrained_table(work, img, plt, fig) -> None:

@@ -74,21 +74,23 @@ def test_a_gpt_step_split_over_threads_equals_one_thread(threads, tie):
         np.testing.assert_allclose(split_grads[name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+def gelu_layer_norm(x, w, b, g) -> list:
+    """layer_norm(gelu(x), w, b) and the gradients of x, w, b under upstream g."""
+    tensors = [Tensor(a, requires_grad=True) for a in (x, w, b)]
+    y = F.layer_norm(F.gelu(tensors[0]), tensors[1], tensors[2])
+    y.backward(g)
+    return [y.numpy()] + [t.grad for t in tensors]
+
+
 def test_elementwise_ops_split_over_threads_equal_one_thread(threads):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((6, 7, 9)).astype(np.float32)
     w, b = rng.standard_normal(9).astype(np.float32), rng.standard_normal(9).astype(np.float32)
     g = rng.standard_normal((6, 7, 9)).astype(np.float32)
 
-    def run():
-        tensors = [Tensor(a, requires_grad=True) for a in (x, w, b)]
-        y = F.layer_norm(F.gelu(tensors[0]), tensors[1], tensors[2])
-        y.backward(g)
-        return [y.numpy()] + [t.grad for t in tensors]
-
-    split = run()
+    split = gelu_layer_norm(x, w, b, g)
     backend._threads = 1
-    for a, b_ in zip(split, run(), strict=True):
+    for a, b_ in zip(split, gelu_layer_norm(x, w, b, g), strict=True):
         np.testing.assert_array_equal(a, b_)  # row blocks do exactly the same arithmetic
 
 
@@ -110,13 +112,7 @@ def test_cache_blocks_cover_every_row_once_and_change_no_result(split, monkeypat
     w, b = np.random.default_rng(4).standard_normal((2, 9)).astype(np.float32)
     g = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
 
-    def run():
-        tensors = [Tensor(a, requires_grad=True) for a in (x, w, b)]
-        y = F.layer_norm(F.gelu(tensors[0]), tensors[1], tensors[2])
-        y.backward(g)
-        return [y.numpy()] + [t.grad for t in tensors]
-
-    blocked = run()
+    blocked = gelu_layer_norm(x, w, b, g)
     monkeypatch.setattr(backend, "CACHE_BLOCK_ELEMENTS", 1 << 20)  # one block
-    for a, b_ in zip(blocked, run(), strict=True):
+    for a, b_ in zip(blocked, gelu_layer_norm(x, w, b, g), strict=True):
         np.testing.assert_array_equal(a, b_)
