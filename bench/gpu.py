@@ -142,15 +142,86 @@ def toolkit_on_cuda() -> None:
            "; ".join(problems) or "all four", time.perf_counter() - start)
 
 
+def attention_timing() -> None:
+    """One causal attention forward and backward at GPT-2 124M's shape, B=8, H=12, T=1024,
+    D=64: the array code against the flash kernel (time and the memory it held)."""
+    import cupy
+    import numpy as np
+
+    from tinygrad_llm import Tensor
+    from tinygrad_llm import functional as F
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((8, 12, 1024, 64)).astype(np.float32) for _ in range(4)]
+    pool = cupy.get_default_memory_pool()
+    q, k, v, g = (cupy.asarray(a) for a in arrays)
+
+    def once():
+        tensors = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+        y = F.scaled_dot_product_attention(*tensors, causal=True)
+        y.backward(g)
+        return y.data, [t.grad for t in tensors]
+
+    results = {}
+    for label, flag in (("array code", "0"), ("flash kernel", "1")):
+        os.environ["TINYGRAD_LLM_CUDA_KERNELS"] = flag
+        once()
+        cupy.cuda.Device().synchronize()
+        pool.free_all_blocks()
+        before = pool.used_bytes()
+        start = time.perf_counter()
+        for _ in range(5):
+            out, grads = once()
+        cupy.cuda.Device().synchronize()
+        seconds = (time.perf_counter() - start) / 5
+        results[label] = (seconds, pool.total_bytes() - before, out, grads)
+    os.environ.pop("TINYGRAD_LLM_CUDA_KERNELS")
+    (a_time, a_bytes, a_out, a_grads), (f_time, f_bytes, f_out, f_grads) = results.values()
+    error = max(float(abs(x - y).max()) for x, y in zip([a_out, *a_grads], [f_out, *f_grads],
+                                                          strict=True))
+    record("attention fwd+bwd, B=8 H=12 T=1024 D=64", error < 1e-3,
+           f"array code {1000 * a_time:.2f} ms ({a_bytes / 2**20:.0f} MiB pool), flash kernel "
+           f"{1000 * f_time:.2f} ms ({f_bytes / 2**20:.0f} MiB); largest difference {error:.1e}",
+           a_time + f_time)
+
+
 def main() -> int:
     import cupy
 
+    deadline = time.perf_counter() + float(os.environ.get("GPU_BENCH_SECONDS", "450"))
+    left = lambda limit: max(10.0, min(limit, deadline - time.perf_counter()))  # noqa: E731
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy "
           f"{cupy.__version__}", flush=True)
-    run("the test suite on cuda",
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
-         "--deselect", "tests/test_serve_browser.py"], timeout=240,
+    run("fused kernels vs the array code", [sys.executable, "-m", "pytest", "-q", "-p",
+        "no:cacheprovider", "tests/test_cuda_kernels.py"], timeout=left(90),
         parse=lambda out: (out.strip().splitlines() or ["?"])[-1][:100])
+    start = time.perf_counter()
+    try:
+        attention_timing()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        record("attention timing", False, traceback.format_exc().splitlines()[-1][:100],
+               time.perf_counter() - start)
+    gpt2 = ["--n-layer", "12", "--n-head", "12", "--n-embd", "768", "--context-length", "1024",
+            "--batch-size", "8", "--vocab-size", "50257", "--steps", "8", "--warmup", "3"]
+    kernels = {"TINYGRAD_LLM_CUDA_KERNELS": "1"}
+    for label, flags, env in (("float32", [], None),
+                              ("float32, fused kernels, per-op profile", ["--no-torch",
+                                                                          "--profile"], kernels),
+                              ("TF32, fused kernels", ["--tf32"], kernels),
+                              ("TF32", ["--tf32", "--no-torch"], None),
+                              ("float16 mixed, fused kernels, vs PyTorch bf16 autocast",
+                               ["--dtype", "float16"], kernels)):
+        run(f"train step GPT-2 124M, B=8, T=1024 ({label})",
+            [sys.executable, "bench/train_step.py", "--device", "cuda", *gpt2, *flags],
+            timeout=left(120), env=env,
+            parse=lambda out: f"ours {value(out, 'tokens_per_s')} tok/s, PyTorch eager "
+                              f"{value(out, 'torch_tokens_per_s')}, ratio {value(out, 'ratio')}")
+    for label, env in (("", None), (", fused kernels", kernels)):
+        run(f"generate GPT-2 124M, 200 tokens{label}",
+            [sys.executable, "bench/generate.py", "--device", "cuda"], timeout=left(60), env=env,
+            parse=lambda out: f"KV cache {value(out, 'kv_cache_tokens_per_s')} tok/s, no cache "
+                              f"{value(out, 'no_cache_tokens_per_s')}")
     start = time.perf_counter()
     try:
         toolkit_on_cuda()
@@ -158,22 +229,10 @@ def main() -> int:
         traceback.print_exc()
         record("cuda: toolkit", False, traceback.format_exc().splitlines()[-1][:100],
                time.perf_counter() - start)
-    gpt2 = ["--n-layer", "12", "--n-head", "12", "--n-embd", "768", "--context-length", "1024",
-            "--batch-size", "8", "--vocab-size", "50257", "--steps", "8", "--warmup", "3"]
-    kernels = {"TINYGRAD_LLM_CUDA_KERNELS": "1"}
-    for label, flags, env in (("float32", [], None), ("TF32", ["--tf32"], None),
-                              ("float32, fused kernels", [], kernels),
-                              ("float16 mixed vs PyTorch bf16 autocast", ["--dtype", "float16"],
-                               None)):
-        run(f"train step GPT-2 124M, B=8, T=1024 ({label})",
-            [sys.executable, "bench/train_step.py", "--device", "cuda", *gpt2, *flags],
-            timeout=150, env=env,
-            parse=lambda out: f"ours {value(out, 'tokens_per_s')} tok/s, PyTorch eager "
-                              f"{value(out, 'torch_tokens_per_s')}, ratio {value(out, 'ratio')}")
-    run("generate GPT-2 124M, 200 tokens",
-        [sys.executable, "bench/generate.py", "--device", "cuda"], timeout=90,
-        parse=lambda out: f"KV cache {value(out, 'kv_cache_tokens_per_s')} tok/s, no cache "
-                          f"{value(out, 'no_cache_tokens_per_s')}")
+    run("the test suite on cuda",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
+         "--deselect", "tests/test_serve_browser.py", "tests/"], timeout=left(240),
+        parse=lambda out: (out.strip().splitlines() or ["?"])[-1][:100])
     width = max(len(name) for name, _, _ in ROWS)
     print("\n" + "check".ljust(width) + " | seconds | result")
     for name, result, seconds in ROWS:

@@ -77,10 +77,12 @@ def time_steps(step, data, warmup, sync=lambda: None) -> float:
     return (time.perf_counter() - start) / (len(data) - warmup)
 
 
-def profile_steps(step, data) -> None:
+def profile_steps(step, data, sync=lambda: None) -> None:
     """Run ``step`` over ``data`` with a timer around every Function's forward and backward, the
     optimizer and the clipping; print the ops by total time. The timers add a little overhead
-    (two clock reads per op), so the total is a bit above the step time measured without them."""
+    (two clock reads per op), so the total is a bit above the step time measured without them.
+    On a GPU, ``sync`` waits for the queued kernels before each clock read, so an op's time is
+    its kernels' time (and the GPU no longer runs ahead of the Python code)."""
     from tinygrad_llm import optim
     from tinygrad_llm.tensor import Function
 
@@ -88,18 +90,22 @@ def profile_steps(step, data) -> None:
 
     def timed(name, function):
         def wrapper(*args, **kwargs):
+            sync()
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
+                sync()
                 times[name] = times.get(name, 0.0) + time.perf_counter() - start
         return wrapper
 
     apply = Function.apply.__func__
 
     def timed_apply(cls, *tensors, **params):
+        sync()
         start = time.perf_counter()
         out = apply(cls, *tensors, **params)
+        sync()
         name = cls.__name__
         times[name + " forward"] = times.get(name + " forward", 0.0) + time.perf_counter() - start
         if out._ctx is not None:
@@ -109,10 +115,12 @@ def profile_steps(step, data) -> None:
     saved = Function.apply, optim.AdamW.step
     Function.apply = classmethod(timed_apply)
     optim.AdamW.step = timed("AdamW step", optim.AdamW.step)
+    sync()
     start = time.perf_counter()
     try:
         for x, y in data:
             step(x, y)
+        sync()
     finally:
         Function.apply, optim.AdamW.step = saved
     total = time.perf_counter() - start
@@ -151,7 +159,7 @@ def bench_ours(args, data) -> float:
         sync = backend.array_module("cuda").cuda.Device().synchronize
     seconds = time_steps(step, data, args.warmup, sync)
     if args.profile:
-        profile_steps(step, data[args.warmup:])
+        profile_steps(step, data[args.warmup:], sync)
     return seconds
 
 

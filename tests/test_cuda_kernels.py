@@ -93,3 +93,45 @@ def test_adamw_kernel_matches_the_array_code(monkeypatch):
         return [p.numpy() for p in params] + [m.get() for m in optimizer.m + optimizer.v]
 
     close(*both_ways(monkeypatch, compute), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("B, H, Tq, Tk, D", [(2, 3, 70, 70, 64), (1, 2, 16, 16, 32),
+                                            (2, 1, 33, 100, 64), (1, 2, 130, 130, 128),
+                                            (1, 1, 64, 64, 8)])
+def test_flash_attention_matches_the_array_code(monkeypatch, B, H, Tq, Tk, D):
+    """Causal attention, forward and all three gradients; Tk > Tq is a prompt after a KV cache
+    (bottom-right aligned), T not a multiple of the tiles checks the edges."""
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((B, H, Tq, D)).astype(np.float32)
+    k, v = (rng.standard_normal((B, H, Tk, D)).astype(np.float32) for _ in range(2))
+    g = rng.standard_normal((B, H, Tq, D)).astype(np.float32)
+    fused = []
+
+    def compute():
+        tensors = [Tensor(a, requires_grad=True, device="cuda") for a in (q, k, v)]
+        y = F.scaled_dot_product_attention(*tensors, causal=True)
+        fused.append(y._ctx.flash)
+        y.backward(g)
+        return [y.numpy()] + [t.grad.get() for t in tensors]
+
+    close(*both_ways(monkeypatch, compute), rtol=1e-4, atol=2e-5)
+    assert fused == [False, True]  # the array code, then the kernel
+
+
+def test_a_gpt_with_the_kernels_gives_the_array_codes_loss_and_gradients(monkeypatch):
+    from tinygrad_llm.models.gpt import GPT, GPTConfig
+
+    config = GPTConfig(vocab_size=50, context_length=40, n_layer=2, n_head=4, n_embd=64)
+    backend.manual_seed(0)
+    weights = GPT(config).state_dict()
+    rng = np.random.default_rng(5)
+    ids, targets = rng.integers(0, 50, (3, 40)), rng.integers(0, 50, (3, 40))
+
+    def compute():
+        model = GPT(config).to("cuda")
+        model.load_state_dict(weights)
+        loss = model.loss(ids, targets)
+        loss.backward()
+        return [loss.numpy()] + [p.grad.get() for p in model.parameters()]
+
+    close(*both_ways(monkeypatch, compute), rtol=2e-4, atol=2e-5)

@@ -257,3 +257,282 @@ def cross_entropy_rows(logits, targets, scale):
                              cupy.ascontiguousarray(scale, dtype=np.float32), loss,
                              np.int32(V)))
     return loss
+
+
+# --------------------------------------------------------------------- flash attention
+# Causal attention without the T x T matrix (Dao et al., 2022, "FlashAttention"): each thread
+# owns one query row and walks the keys in tiles of TILE rows, which the block's threads load
+# together into shared memory. The softmax is computed online: the thread keeps its running
+# maximum m, its running sum l = sum_j exp(s_j - m) and its running output acc = sum_j
+# exp(s_j - m) v_j, and rescales l and acc by exp(m_old - m_new) when a tile raises the maximum.
+# The forward saves only the output and lse = m + log(l) per row (B, H, Tq), so the backward
+# recomputes each probability as p_ij = exp(s_ij - lse_i) without storing it.
+#
+# Backward, with delta_i = sum_d dout_id out_id (= sum_j p_ij dp_ij, the FlashAttention identity):
+#   dp_ij = dout_i . v_j     ds_ij = p_ij (dp_ij - delta_i)
+#   dq_i = scale sum_j ds_ij k_j     dk_j = sum_i ds_ij (scale q_i)     dv_j = sum_i p_ij dout_i
+# Three kernels, each writing its own rows, so no atomic adds and the same result every run:
+# dq (a thread per query row, tiles of keys), dk and dv (a thread per key row, tiles of queries).
+#
+# Query row i sits at key position i + Tk - Tq (bottom-right aligned, as F.causal_mask), so it
+# sees keys 0 .. i + Tk - Tq. Only float32, head sizes that are a multiple of 4 up to 128.
+FLASH_ROWS = 64  # threads per block = query (or key) rows per block
+FLASH_TILE = 32  # key (or query) rows per tile in shared memory
+
+_FLASH = r"""
+#define D HEAD_DIM_VALUE
+#define D4 (D / 4)
+#define ROWS FLASH_ROWS_VALUE
+#define TILE FLASH_TILE_VALUE
+#define MINUS_INFINITY __int_as_float(0xff800000)
+
+__device__ __forceinline__ float dot4(const float* a, float4 b, int d4) {
+    return a[4 * d4] * b.x + a[4 * d4 + 1] * b.y + a[4 * d4 + 2] * b.z + a[4 * d4 + 3] * b.w;
+}
+
+__device__ __forceinline__ void add4(float* acc, float p, float4 b, int d4) {
+    acc[4 * d4] += p * b.x; acc[4 * d4 + 1] += p * b.y;
+    acc[4 * d4 + 2] += p * b.z; acc[4 * d4 + 3] += p * b.w;
+}
+
+// Load rows start .. start+TILE-1 of a (rows, D) matrix into shared memory (zeros past the end),
+// every thread of the block taking part.
+__device__ __forceinline__ void load_tile(float4* tile, const float* m, int start, int rows,
+                                          float scale) {
+    const float4* m4 = reinterpret_cast<const float4*>(m);
+    for (int idx = threadIdx.x; idx < TILE * D4; idx += blockDim.x) {
+        int row = start + idx / D4;
+        float4 value = row < rows ? m4[(size_t)start * D4 + idx] : make_float4(0, 0, 0, 0);
+        value.x *= scale; value.y *= scale; value.z *= scale; value.w *= scale;
+        tile[idx] = value;
+    }
+}
+
+extern "C" __global__
+void flash_forward(const float* q, const float* k, const float* v, float* out, float* lse,
+                   int Tq, int Tk, float scale) {
+    __shared__ float4 ks[TILE * D4], vs[TILE * D4];
+    size_t head = blockIdx.y;
+    q += head * Tq * D; k += head * Tk * D; v += head * Tk * D; out += head * Tq * D;
+    lse += head * Tq;
+    int row = blockIdx.x * ROWS + threadIdx.x;
+    bool active = row < Tq;
+    int shift = Tk - Tq;
+    int last_key = row + shift;                                     // this row sees keys <= it
+    int block_last_key = min(Tk - 1, blockIdx.x * ROWS + ROWS - 1 + shift);
+    float qr[D], acc[D];
+    #pragma unroll
+    for (int d = 0; d < D; d++) {
+        qr[d] = active ? q[(size_t)row * D + d] * scale : 0.0f;
+        acc[d] = 0.0f;
+    }
+    float m = MINUS_INFINITY, l = 0.0f;
+    for (int start = 0; start <= block_last_key; start += TILE) {
+        __syncthreads();                                            // the last tile is read
+        load_tile(ks, k, start, Tk, 1.0f);
+        load_tile(vs, v, start, Tk, 1.0f);
+        __syncthreads();
+        if (!active || start > last_key) continue;
+        float s[TILE];
+        float tile_max = MINUS_INFINITY;
+        #pragma unroll
+        for (int j = 0; j < TILE; j++) {
+            float dot = 0.0f;
+            #pragma unroll
+            for (int d4 = 0; d4 < D4; d4++) dot += dot4(qr, ks[j * D4 + d4], d4);
+            s[j] = start + j <= last_key ? dot : MINUS_INFINITY;    // also masks keys >= Tk
+            tile_max = fmaxf(tile_max, s[j]);
+        }
+        float m_new = fmaxf(m, tile_max);
+        float correction = expf(m - m_new);                         // 0 on the first tile
+        l *= correction;
+        #pragma unroll
+        for (int d = 0; d < D; d++) acc[d] *= correction;
+        #pragma unroll
+        for (int j = 0; j < TILE; j++) {
+            float p = expf(s[j] - m_new);                           // 0 for masked keys
+            l += p;
+            #pragma unroll
+            for (int d4 = 0; d4 < D4; d4++) add4(acc, p, vs[j * D4 + d4], d4);
+        }
+        m = m_new;
+    }
+    if (!active) return;
+    float inverse = 1.0f / l;
+    #pragma unroll
+    for (int d = 0; d < D; d++) out[(size_t)row * D + d] = acc[d] * inverse;
+    lse[row] = m + logf(l);
+}
+
+// dq_i = scale sum_j ds_ij k_j: a thread per query row, tiles of keys (as the forward)
+extern "C" __global__
+void flash_backward_dq(const float* q, const float* k, const float* v, const float* dout,
+                       const float* lse, const float* delta, float* dq, int Tq, int Tk,
+                       float scale) {
+    __shared__ float4 ks[TILE * D4], vs[TILE * D4];
+    size_t head = blockIdx.y;
+    q += head * Tq * D; k += head * Tk * D; v += head * Tk * D; dout += head * Tq * D;
+    dq += head * Tq * D; lse += head * Tq; delta += head * Tq;
+    int row = blockIdx.x * ROWS + threadIdx.x;
+    bool active = row < Tq;
+    int shift = Tk - Tq;
+    int last_key = row + shift;
+    int block_last_key = min(Tk - 1, blockIdx.x * ROWS + ROWS - 1 + shift);
+    float qr[D], gr[D], dqr[D];
+    #pragma unroll
+    for (int d = 0; d < D; d++) {
+        qr[d] = active ? q[(size_t)row * D + d] * scale : 0.0f;
+        gr[d] = active ? dout[(size_t)row * D + d] : 0.0f;
+        dqr[d] = 0.0f;
+    }
+    float row_lse = active ? lse[row] : 0.0f, row_delta = active ? delta[row] : 0.0f;
+    for (int start = 0; start <= block_last_key; start += TILE) {
+        __syncthreads();
+        load_tile(ks, k, start, Tk, 1.0f);
+        load_tile(vs, v, start, Tk, 1.0f);
+        __syncthreads();
+        if (!active || start > last_key) continue;
+        #pragma unroll 4
+        for (int j = 0; j < TILE; j++) {
+            if (start + j > last_key) break;
+            float s = 0.0f, dp = 0.0f;
+            #pragma unroll
+            for (int d4 = 0; d4 < D4; d4++) {
+                s += dot4(qr, ks[j * D4 + d4], d4);
+                dp += dot4(gr, vs[j * D4 + d4], d4);
+            }
+            float ds = expf(s - row_lse) * (dp - row_delta);
+            #pragma unroll
+            for (int d4 = 0; d4 < D4; d4++) add4(dqr, ds, ks[j * D4 + d4], d4);
+        }
+    }
+    if (!active) return;
+    #pragma unroll
+    for (int d = 0; d < D; d++) dq[(size_t)row * D + d] = dqr[d] * scale;
+}
+
+// dk_j = sum_i ds_ij (scale q_i) and dv_j = sum_i p_ij dout_i: a thread per key row, tiles of
+// queries; `which` = 0 computes dk, 1 computes dv (two launches: the four rows of k, v, dk and
+// dv would not fit one thread's registers)
+extern "C" __global__
+void flash_backward_dkv(const float* q, const float* k, const float* v, const float* dout,
+                        const float* lse, const float* delta, float* result, int Tq, int Tk,
+                        float scale, int which) {
+    __shared__ float4 qs[TILE * D4], gs[TILE * D4];
+    __shared__ float lses[TILE], deltas[TILE];
+    size_t head = blockIdx.y;
+    q += head * Tq * D; k += head * Tk * D; v += head * Tk * D; dout += head * Tq * D;
+    result += head * Tk * D; lse += head * Tq; delta += head * Tq;
+    int key = blockIdx.x * ROWS + threadIdx.x;
+    bool active = key < Tk;
+    int shift = Tk - Tq;
+    int first_query = max(0, key - shift);                          // the queries that see key
+    int block_first_query = max(0, (int)(blockIdx.x * ROWS) - shift);
+    float kr[D], vr[D], accr[D];
+    #pragma unroll
+    for (int d = 0; d < D; d++) {
+        kr[d] = active ? k[(size_t)key * D + d] : 0.0f;
+        vr[d] = active && which == 0 ? v[(size_t)key * D + d] : 0.0f;
+        accr[d] = 0.0f;
+    }
+    for (int start = block_first_query; start < Tq; start += TILE) {
+        __syncthreads();
+        load_tile(qs, q, start, Tq, scale);                         // the scaled queries
+        load_tile(gs, dout, start, Tq, 1.0f);
+        for (int j = threadIdx.x; j < TILE; j += blockDim.x) {
+            lses[j] = start + j < Tq ? lse[start + j] : 0.0f;
+            deltas[j] = start + j < Tq ? delta[start + j] : 0.0f;
+        }
+        __syncthreads();
+        if (!active) continue;
+        #pragma unroll 4
+        for (int j = 0; j < TILE; j++) {
+            int i = start + j;
+            if (i >= Tq) break;
+            if (i < first_query) continue;
+            float s = 0.0f;
+            #pragma unroll
+            for (int d4 = 0; d4 < D4; d4++) s += dot4(kr, qs[j * D4 + d4], d4);
+            float p = expf(s - lses[j]);
+            if (which == 1) {
+                #pragma unroll
+                for (int d4 = 0; d4 < D4; d4++) add4(accr, p, gs[j * D4 + d4], d4);
+            } else {
+                float dp = 0.0f;
+                #pragma unroll
+                for (int d4 = 0; d4 < D4; d4++) dp += dot4(vr, gs[j * D4 + d4], d4);
+                float ds = p * (dp - deltas[j]);
+                #pragma unroll
+                for (int d4 = 0; d4 < D4; d4++) add4(accr, ds, qs[j * D4 + d4], d4);
+            }
+        }
+    }
+    if (!active) return;
+    #pragma unroll
+    for (int d = 0; d < D; d++) result[(size_t)key * D + d] = accr[d];
+}
+"""
+
+
+def flash_fits(q, k) -> bool:
+    """Whether the flash kernels take this causal attention: a head size that is a multiple of 4
+    up to 128, at least as many keys as queries, and more than a few queries (a decoding step's
+    single query row would leave all but one of a block's threads idle)."""
+    D, Tq = q.shape[-1], q.shape[-2]
+    return D % 4 == 0 and D <= 128 and k.shape[-2] >= Tq >= 16
+
+
+@functools.cache
+def _flash_kernels(head_dim: int):
+    import cupy
+
+    code = (_FLASH.replace("HEAD_DIM_VALUE", str(head_dim))
+            .replace("FLASH_ROWS_VALUE", str(FLASH_ROWS))
+            .replace("FLASH_TILE_VALUE", str(FLASH_TILE)))
+    module = cupy.RawModule(code=code, options=("--use_fast_math",))
+    return tuple(module.get_function(name) for name in
+                 ("flash_forward", "flash_backward_dq", "flash_backward_dkv"))
+
+
+def _heads(x):
+    """(B, H, T, D) -> a contiguous (B * H, T, D) array, the kernels' layout."""
+    import cupy
+
+    return cupy.ascontiguousarray(x).reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def flash_attention_forward(q, k, v, scale: float):
+    """Causal softmax(scale q k^T) v for q (B, H, Tq, D), k, v (B, H, Tk, D), Tk >= Tq:
+    (out (B, H, Tq, D), lse (B, H, Tq)), lse_i = log sum_j exp(s_ij) over the keys row i sees."""
+    import cupy
+
+    *lead, Tq, D = q.shape
+    Tk = k.shape[-2]
+    q3, k3, v3 = _heads(q), _heads(k), _heads(v)
+    out = cupy.empty_like(q3)
+    lse = cupy.empty(q3.shape[:2], np.float32)
+    grid = ((Tq + FLASH_ROWS - 1) // FLASH_ROWS, q3.shape[0])
+    _flash_kernels(D)[0](grid, (FLASH_ROWS,), (q3, k3, v3, out, lse, np.int32(Tq), np.int32(Tk),
+                                               np.float32(scale)))
+    return out.reshape(q.shape), lse.reshape(*lead, Tq)
+
+
+def flash_attention_backward(q, k, v, out, lse, g, scale: float):
+    """(dq, dk, dv) of ``flash_attention_forward`` for the upstream gradient g (B, H, Tq, D)."""
+    import cupy
+
+    *lead, Tq, D = q.shape
+    Tk = k.shape[-2]
+    q3, k3, v3, out3, g3 = (_heads(a) for a in (q, k, v, out, g))
+    delta = (g3 * out3).sum(axis=-1)  # (B H, Tq): sum_j p_ij dp_ij
+    lse3 = cupy.ascontiguousarray(lse).reshape(q3.shape[:2])
+    dq, dk, dv = cupy.empty_like(q3), cupy.empty_like(k3), cupy.empty_like(v3)
+    forward, backward_dq, backward_dkv = _flash_kernels(D)
+    sizes = (np.int32(Tq), np.int32(Tk), np.float32(scale))
+    backward_dq(((Tq + FLASH_ROWS - 1) // FLASH_ROWS, q3.shape[0]), (FLASH_ROWS,),
+                (q3, k3, v3, g3, lse3, delta, dq, *sizes))
+    key_grid = ((Tk + FLASH_ROWS - 1) // FLASH_ROWS, q3.shape[0])
+    for which, result in ((0, dk), (1, dv)):
+        backward_dkv(key_grid, (FLASH_ROWS,),
+                     (q3, k3, v3, g3, lse3, delta, result, *sizes, np.int32(which)))
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)

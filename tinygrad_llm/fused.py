@@ -448,10 +448,18 @@ class ScaledDotProductAttention(Function):
     no score matrix besides.
     """
 
-    def forward(self, q, k, v, mask, dropout_p, device):
+    def forward(self, q, k, v, mask, dropout_p, device, mask_is_causal=False):
         # reference: out = softmax(q @ k^T / sqrt(D) + mask) @ v, with dropout on the softmax
         xp = get_xp(q)
         self.scale = scale = 1.0 / math.sqrt(q.shape[-1])
+        # on a GPU, with the kernels on, causal attention without dropout runs as one kernel
+        # that never holds the T x T matrix (cuda_kernels.flash_attention_forward)
+        self.flash = (mask_is_causal and dropout_p == 0 and cuda_kernels.enabled(xp, q, k, v)
+                      and cuda_kernels.flash_fits(q, k))
+        if self.flash:
+            out, self.lse = cuda_kernels.flash_attention_forward(q, k, v, scale)
+            self.q, self.k, self.v, self.out = q, k, v, out
+            return out
         q = q * scale  # scaling q (T x D) is cheaper than scaling the scores (T x T)
         # float16 scores (mixed precision) meet a float32 mask: the softmax runs in float32,
         # where the mask's minimum exists, as PyTorch's autocast runs softmax in float32
@@ -491,6 +499,9 @@ class ScaledDotProductAttention(Function):
         # S = (s q) k^T:  dq = s dS k,  dk = dS^T (s q)
         xp = get_xp(g)
         q, k, v = self.q, self.k, self.v
+        if self.flash:  # the same formulas, p recomputed from the saved lse, tile by tile
+            return cuda_kernels.flash_attention_backward(q, k, v, self.out, self.lse, g,
+                                                         self.scale)
         dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
         optional = [] if self.keep is None else [self.keep]
 
@@ -522,7 +533,8 @@ def _matmul_into(a, b, out) -> None:
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
-                                 dropout_p: float = 0.0, additive_mask=None) -> Tensor:
+                                 dropout_p: float = 0.0, additive_mask=None,
+                                 mask_is_causal: bool = False) -> Tensor:
     """Fused attention on (B, H, T, D) tensors: equals softmax(q k^T / sqrt(D) + mask) v.
 
     Args:
@@ -534,6 +546,9 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         additive_mask: instead of ``causal`` and ``mask``, the whole mask already in additive
             form (``make_additive_mask``), broadcastable to (B, H, Tq, Tk): how a model passes
             the causal mask it caches (``models.gpt.CausalMaskCache``).
+        mask_is_causal: a promise that ``additive_mask`` is exactly the causal mask (as
+            PyTorch's ``is_causal`` hint beside ``attn_mask``): a kernel that applies the causal
+            rule itself (the flash kernel on a GPU) may then leave the mask unread.
     """
     if additive_mask is not None:
         if causal or mask is not None:
@@ -546,8 +561,9 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         if mask is not None:  # True = may attend (PyTorch's convention)
             blocked = blocked | ~xp.asarray(array_on(mask, q.device), dtype=bool)
         additive_mask = make_additive_mask(blocked, q.dtype)
+        mask_is_causal = causal and mask is None
     return ScaledDotProductAttention.apply(q, k, v, mask=additive_mask, dropout_p=dropout_p,
-                                           device=q.device)
+                                           device=q.device, mask_is_causal=mask_is_causal)
 
 
 # ============================================================================ DPO loss

@@ -131,10 +131,12 @@ class CausalSelfAttention(Module):
         self.dropout = config.dropout
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, attn_mask=None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, attn_mask=None,
+                mask_is_causal: bool = False) -> Tensor:
         """x (B, T, C) -> (B, T, C). ``attn_mask``: the causal (and padding) mask in additive
-        form, broadcastable to (B, H, T, T_keys), as GPT builds it once per forward; without
-        one the op builds the causal mask itself."""
+        form, broadcastable to (B, H, T, T_keys), as GPT builds it once per forward
+        (``mask_is_causal``: it is the causal mask alone, no padding); without one the op
+        builds the causal mask itself."""
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
         qkv = self.c_attn(x)  # (B, T, C) -> (B, T, 3C)
@@ -148,7 +150,7 @@ class CausalSelfAttention(Module):
             y = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=p)
         else:  # the mask already holds the causal part: causal=False, so it is not applied twice
             y = F.scaled_dot_product_attention(q, k, v, causal=False, additive_mask=attn_mask,
-                                               dropout_p=p)
+                                               dropout_p=p, mask_is_causal=mask_is_causal)
         y = y.permute(0, 2, 1, 3).reshape(B, T, C)  # (B, H, T, D) -> heads side by side (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -174,8 +176,9 @@ class Block(Module):
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, attn_mask=None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, attn_mask)
+    def forward(self, x: Tensor, cache: KVCache | None = None, attn_mask=None,
+                mask_is_causal: bool = False) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, attn_mask, mask_is_causal)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -281,7 +284,7 @@ class GPT(Module):
         x = self.wte(ids) + self.wpe(positions)  # (B, T, C) + (T, C) or (B, T, C) -> (B, T, C)
         x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, None if caches is None else caches[i], attn_mask)
+            x = block(x, None if caches is None else caches[i], attn_mask, padding_mask is None)
         return self.ln_f(x)
 
 
