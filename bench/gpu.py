@@ -144,7 +144,8 @@ def toolkit_on_cuda() -> None:
 
 def attention_timing() -> None:
     """One causal attention forward and backward at GPT-2 124M's shape, B=8, H=12, T=1024,
-    D=64: the array code against the flash kernel (time and the memory it held)."""
+    D=64: the array code, cuBLAS products around the fused softmax kernels, and the flash
+    kernels (time, and the memory pool's growth while it ran)."""
     import cupy
     import numpy as np
 
@@ -152,37 +153,39 @@ def attention_timing() -> None:
     from tinygrad_llm import functional as F
 
     rng = np.random.default_rng(0)
-    arrays = [rng.standard_normal((8, 12, 1024, 64)).astype(np.float32) for _ in range(4)]
-    pool = cupy.get_default_memory_pool()
-    q, k, v, g = (cupy.asarray(a) for a in arrays)
+    q, k, v, g = (cupy.asarray(rng.standard_normal((8, 12, 1024, 64)), dtype=np.float32)
+                  for _ in range(4))
 
     def once():
-        tensors = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+        tensors = [Tensor(a, requires_grad=True, device="cuda") for a in (q, k, v)]
         y = F.scaled_dot_product_attention(*tensors, causal=True)
         y.backward(g)
-        return y.data, [t.grad for t in tensors]
+        return [y.data] + [t.grad for t in tensors]
 
+    pool = cupy.get_default_memory_pool()
     results = {}
-    for label, flag in (("array code", "0"), ("flash kernel", "1")):
-        os.environ["TINYGRAD_LLM_CUDA_KERNELS"] = flag
+    start = time.perf_counter()
+    for label, kernels, flash in (("array code", "0", "0"), ("fused softmax", "1", "0"),
+                                  ("flash", "1", "1")):
+        os.environ.update(TINYGRAD_LLM_CUDA_KERNELS=kernels, TINYGRAD_LLM_FLASH_ATTENTION=flash)
         once()
         cupy.cuda.Device().synchronize()
         pool.free_all_blocks()
-        before = pool.used_bytes()
-        start = time.perf_counter()
+        before = pool.total_bytes()
+        begin = time.perf_counter()
         for _ in range(5):
-            out, grads = once()
+            arrays = once()
         cupy.cuda.Device().synchronize()
-        seconds = (time.perf_counter() - start) / 5
-        results[label] = (seconds, pool.total_bytes() - before, out, grads)
-    os.environ.pop("TINYGRAD_LLM_CUDA_KERNELS")
-    (a_time, a_bytes, a_out, a_grads), (f_time, f_bytes, f_out, f_grads) = results.values()
-    error = max(float(abs(x - y).max()) for x, y in zip([a_out, *a_grads], [f_out, *f_grads],
-                                                          strict=True))
+        results[label] = ((time.perf_counter() - begin) / 5, pool.total_bytes() - before, arrays)
+    for name in ("TINYGRAD_LLM_CUDA_KERNELS", "TINYGRAD_LLM_FLASH_ATTENTION"):
+        os.environ.pop(name)
+    reference = results["array code"][2]
+    error = max(float(abs(a - b).max()) for label in ("fused softmax", "flash")
+                for a, b in zip(reference, results[label][2], strict=True))
     record("attention fwd+bwd, B=8 H=12 T=1024 D=64", error < 1e-3,
-           f"array code {1000 * a_time:.2f} ms ({a_bytes / 2**20:.0f} MiB pool), flash kernel "
-           f"{1000 * f_time:.2f} ms ({f_bytes / 2**20:.0f} MiB); largest difference {error:.1e}",
-           a_time + f_time)
+           ", ".join(f"{label} {1000 * seconds:.2f} ms ({memory / 2**20:.0f} MiB)"
+                     for label, (seconds, memory, _) in results.items())
+           + f"; largest difference {error:.1e}", time.perf_counter() - start)
 
 
 def main() -> int:
@@ -192,7 +195,7 @@ def main() -> int:
     left = lambda limit: max(10.0, min(limit, deadline - time.perf_counter()))  # noqa: E731
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy "
           f"{cupy.__version__}", flush=True)
-    run("fused kernels vs the array code", [sys.executable, "-m", "pytest", "-q", "-p",
+    run("fused kernels vs the array code", [sys.executable, "-m", "pytest", "-p",
         "no:cacheprovider", "tests/test_cuda_kernels.py"], timeout=left(90),
         parse=lambda out: (out.strip().splitlines() or ["?"])[-1][:100])
     start = time.perf_counter()
@@ -204,20 +207,23 @@ def main() -> int:
                time.perf_counter() - start)
     gpt2 = ["--n-layer", "12", "--n-head", "12", "--n-embd", "768", "--context-length", "1024",
             "--batch-size", "8", "--vocab-size", "50257", "--steps", "8", "--warmup", "3"]
-    kernels = {"TINYGRAD_LLM_CUDA_KERNELS": "1"}
-    for label, flags, env in (("float32", [], None),
+    kernels, plain = {"TINYGRAD_LLM_CUDA_KERNELS": "1"}, {"TINYGRAD_LLM_CUDA_KERNELS": "0"}
+    for label, flags, env in (("float32", [], plain),
                               ("float32, fused kernels, per-op profile", ["--no-torch",
                                                                           "--profile"], kernels),
-                              ("TF32, fused kernels", ["--tf32"], kernels),
-                              ("TF32", ["--tf32", "--no-torch"], None),
-                              ("float16 mixed, fused kernels, vs PyTorch bf16 autocast",
-                               ["--dtype", "float16"], kernels)):
+                              ("float32, fused kernels, flash attention", ["--no-torch"],
+                               {**kernels, "TINYGRAD_LLM_FLASH_ATTENTION": "1"}),
+                              ("TF32", ["--tf32", "--no-torch"], plain),
+                              ("TF32, fused kernels, per-op profile", ["--tf32", "--profile"],
+                               kernels),
+                              ("float16 mixed, fused kernels, per-op profile, vs PyTorch bf16 "
+                               "autocast", ["--dtype", "float16", "--profile"], kernels)):
         run(f"train step GPT-2 124M, B=8, T=1024 ({label})",
             [sys.executable, "bench/train_step.py", "--device", "cuda", *gpt2, *flags],
             timeout=left(120), env=env,
             parse=lambda out: f"ours {value(out, 'tokens_per_s')} tok/s, PyTorch eager "
                               f"{value(out, 'torch_tokens_per_s')}, ratio {value(out, 'ratio')}")
-    for label, env in (("", None), (", fused kernels", kernels)):
+    for label, env in (("", plain), (", fused kernels", kernels)):
         run(f"generate GPT-2 124M, 200 tokens{label}",
             [sys.executable, "bench/generate.py", "--device", "cuda"], timeout=left(60), env=env,
             parse=lambda out: f"KV cache {value(out, 'kv_cache_tokens_per_s')} tok/s, no cache "
@@ -230,7 +236,7 @@ def main() -> int:
         record("cuda: toolkit", False, traceback.format_exc().splitlines()[-1][:100],
                time.perf_counter() - start)
     run("the test suite on cuda",
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "cuda",
          "--deselect", "tests/test_serve_browser.py", "tests/"], timeout=left(240),
         parse=lambda out: (out.strip().splitlines() or ["?"])[-1][:100])
     width = max(len(name) for name, _, _ in ROWS)

@@ -98,9 +98,13 @@ def test_adamw_kernel_matches_the_array_code(monkeypatch):
 @pytest.mark.parametrize("B, H, Tq, Tk, D", [(2, 3, 70, 70, 64), (1, 2, 16, 16, 32),
                                             (2, 1, 33, 100, 64), (1, 2, 130, 130, 128),
                                             (1, 1, 64, 64, 8)])
-def test_flash_attention_matches_the_array_code(monkeypatch, B, H, Tq, Tk, D):
+@pytest.mark.parametrize("flash", ["1", "0"])  # the flash kernels; cuBLAS + fused softmax
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_attention_kernels_match_the_array_code(monkeypatch, B, H, Tq, Tk, D, flash, dropout):
     """Causal attention, forward and all three gradients; Tk > Tq is a prompt after a KV cache
-    (bottom-right aligned), T not a multiple of the tiles checks the edges."""
+    (bottom-right aligned), T not a multiple of the tiles checks the edges. With dropout the
+    flash kernels step aside and the fused softmax runs."""
+    monkeypatch.setenv("TINYGRAD_LLM_FLASH_ATTENTION", flash)
     rng = np.random.default_rng(4)
     q = rng.standard_normal((B, H, Tq, D)).astype(np.float32)
     k, v = (rng.standard_normal((B, H, Tk, D)).astype(np.float32) for _ in range(2))
@@ -109,13 +113,15 @@ def test_flash_attention_matches_the_array_code(monkeypatch, B, H, Tq, Tk, D):
 
     def compute():
         tensors = [Tensor(a, requires_grad=True, device="cuda") for a in (q, k, v)]
-        y = F.scaled_dot_product_attention(*tensors, causal=True)
-        fused.append(y._ctx.flash)
+        backend.manual_seed(0)  # the same dropout both ways
+        y = F.scaled_dot_product_attention(*tensors, causal=True, dropout_p=dropout)
+        fused.append((y._ctx.flash, getattr(y._ctx, "fused_softmax", False)))
         y.backward(g)
         return [y.numpy()] + [t.grad.get() for t in tensors]
 
     close(*both_ways(monkeypatch, compute), rtol=1e-4, atol=2e-5)
-    assert fused == [False, True]  # the array code, then the kernel
+    use_flash = flash == "1" and dropout == 0
+    assert fused == [(False, False), (use_flash, not use_flash)]  # array code, then a kernel
 
 
 def test_a_gpt_with_the_kernels_gives_the_array_codes_loss_and_gradients(monkeypatch):
@@ -134,4 +140,6 @@ def test_a_gpt_with_the_kernels_gives_the_array_codes_loss_and_gradients(monkeyp
         loss.backward()
         return [loss.numpy()] + [p.grad.get() for p in model.parameters()]
 
-    close(*both_ways(monkeypatch, compute), rtol=2e-4, atol=2e-5)
+    for flash in ("1", "0"):
+        monkeypatch.setenv("TINYGRAD_LLM_FLASH_ATTENTION", flash)
+        close(*both_ways(monkeypatch, compute), rtol=2e-4, atol=2e-5)

@@ -160,15 +160,18 @@ void layer_norm_backward(const float* g, const float* xhat, const float* w, cons
     const float* gr = g + row * C;
     const float* hr = xhat + row * C;
     float sum = 0.0f, dot = 0.0f;
+    // __fmul_rn: g * w rounded the same in both loops (never fused into an FMA), so a row whose
+    // gxh are all equal (C = 1) gets gxh - mean = 0 exactly, as in the array code; else the
+    // FMA's unrounded product leaves ~1e-8 that rstd (up to 1/sqrt(eps)) blows up
     for (int i = threadIdx.x; i < C; i += blockDim.x) {
-        float gxh = gr[i] * w[i];
+        float gxh = __fmul_rn(gr[i], w[i]);
         sum += gxh;
         dot += gxh * hr[i];
     }
     float mean = block_sum(sum, shared) / C;
     float mean_dot = block_sum(dot, shared) / C;
     for (int i = threadIdx.x; i < C; i += blockDim.x)
-        dx[row * C + i] = rstd[row] * (gr[i] * w[i] - mean - hr[i] * mean_dot);
+        dx[row * C + i] = rstd[row] * (__fmul_rn(gr[i], w[i]) - mean - hr[i] * mean_dot);
 }
 """
 
@@ -257,6 +260,54 @@ def cross_entropy_rows(logits, targets, scale):
                              cupy.ascontiguousarray(scale, dtype=np.float32), loss,
                              np.int32(V)))
     return loss
+
+
+# ------------------------------------------------------------------ attention softmax
+# The softmax of attention's scores S (B, H, Tq, Tk), causal, in place: one block per row, the
+# mask applied by index (query row i sees keys 0 .. i + Tk - Tq) instead of adding a mask
+# array, and the max, exp, sum and division in one kernel instead of five passes over the
+# T x T matrix. The products before and after stay cuBLAS's (``q @ k^T``, ``P @ v``).
+_CAUSAL_SOFTMAX = _BLOCK_SUM + r"""
+extern "C" __global__
+void causal_softmax_rows(float* scores, int Tq, int Tk) {
+    __shared__ float shared[32];
+    size_t row = blockIdx.x;
+    int last = (int)(row % Tq) + Tk - Tq;          // the last key this query row sees
+    float* r = scores + row * Tk;
+    float top = MINUS_INFINITY;
+    for (int j = threadIdx.x; j <= last; j += blockDim.x) top = fmaxf(top, r[j]);
+    top = block_max(top, shared);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j <= last; j += blockDim.x) sum += expf(r[j] - top);
+    float inverse = 1.0f / block_sum(sum, shared);
+    for (int j = threadIdx.x; j < Tk; j += blockDim.x)
+        r[j] = j <= last ? expf(r[j] - top) * inverse : 0.0f;
+}
+"""
+
+
+@functools.cache
+def _causal_softmax_kernels():
+    import cupy
+
+    forward = cupy.RawModule(code=_CAUSAL_SOFTMAX).get_function("causal_softmax_rows")
+    # dS = P * (dP - delta), delta (..., Tq, 1) = rowsum(g * out): in place of dP, one pass
+    backward = cupy.ElementwiseKernel("float32 p, float32 delta", "float32 ds",
+                                      "ds = p * (ds - delta);", "tinygrad_llm_softmax_backward")
+    return forward, backward
+
+
+def causal_softmax(scores) -> None:
+    """In place: scores (..., Tq, Tk), C-contiguous -> the causal softmax over the last axis
+    (zeros where a query may not look)."""
+    Tq, Tk = scores.shape[-2:]
+    _causal_softmax_kernels()[0]((scores.size // Tk,), (ROW_THREADS,),
+                                 (scores, np.int32(Tq), np.int32(Tk)))
+
+
+def softmax_backward(dprobs, probs, delta) -> None:
+    """In place: dprobs (..., Tq, Tk) -> dS = probs * (dprobs - delta), delta (..., Tq, 1)."""
+    _causal_softmax_kernels()[1](probs, delta, dprobs)
 
 
 # --------------------------------------------------------------------- flash attention
@@ -472,6 +523,21 @@ void flash_backward_dkv(const float* q, const float* k, const float* v, const fl
     for (int d = 0; d < D; d++) result[(size_t)key * D + d] = accr[d];
 }
 """
+
+
+FLASH_ABOVE_BYTES = 1 << 30  # flash attention where one layer's P (B, H, Tq, Tk) would be larger
+
+
+def use_flash(q, k) -> bool:
+    """Flash attention (no T x T matrix) or cuBLAS products around the fused softmax (which keeps
+    P for the backward, as the array code does)? ``TINYGRAD_LLM_FLASH_ATTENTION=1`` or ``0``
+    decides; by default flash where one layer's P would take more than FLASH_ABOVE_BYTES."""
+    if not flash_fits(q, k):
+        return False
+    choice = os.environ.get("TINYGRAD_LLM_FLASH_ATTENTION")
+    if choice in ("0", "1"):
+        return choice == "1"
+    return q.size // q.shape[-1] * k.shape[-2] * 4 > FLASH_ABOVE_BYTES
 
 
 def flash_fits(q, k) -> bool:

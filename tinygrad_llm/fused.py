@@ -452,10 +452,10 @@ class ScaledDotProductAttention(Function):
         # reference: out = softmax(q @ k^T / sqrt(D) + mask) @ v, with dropout on the softmax
         xp = get_xp(q)
         self.scale = scale = 1.0 / math.sqrt(q.shape[-1])
-        # on a GPU, with the kernels on, causal attention without dropout runs as one kernel
-        # that never holds the T x T matrix (cuda_kernels.flash_attention_forward)
+        # on a GPU, with the kernels on, causal attention without dropout may run as kernels
+        # that never hold the T x T matrix (cuda_kernels.use_flash says when)
         self.flash = (mask_is_causal and dropout_p == 0 and cuda_kernels.enabled(xp, q, k, v)
-                      and cuda_kernels.flash_fits(q, k))
+                      and cuda_kernels.use_flash(q, k))
         if self.flash:
             out, self.lse = cuda_kernels.flash_attention_forward(q, k, v, scale)
             self.q, self.k, self.v, self.out = q, k, v, out
@@ -472,6 +472,9 @@ class ScaledDotProductAttention(Function):
         # the sequences of the batch are independent: a block of them per thread
         split_mask = mask is not None and mask.ndim == 4 and mask.shape[0] == q.shape[0] > 1
         optional = [a for a in (self.keep, mask if split_mask else None) if a is not None]
+        # on a GPU, with the kernels on: the causal mask, max, exp, sum and division in one kernel
+        self.fused_softmax = (mask_is_causal and k.shape[-2] >= q.shape[-2]
+                              and cuda_kernels.enabled(xp, probs))
 
         def sequences(q, k, v, probs, out, *optional_blocks):
             # the optional arrays in the order they were passed: keep (with dropout), then the
@@ -480,11 +483,14 @@ class ScaledDotProductAttention(Function):
             keep = blocks.pop(0) if self.keep is not None else None
             block_mask = blocks.pop(0) if split_mask else mask
             _matmul_into(q, k.swapaxes(-1, -2), probs)  # (.., Tq, D) @ (.., D, Tk): scores
-            if block_mask is not None:
-                probs += block_mask  # additive: 0 = may attend, the float minimum = blocked
-            probs -= probs.max(axis=-1, keepdims=True)  # softmax over the keys, in place
-            xp.exp(probs, out=probs)
-            probs *= 1 / sum_last(probs)
+            if self.fused_softmax:  # mask by index, max, exp, sum and divide, in place
+                cuda_kernels.causal_softmax(probs)
+            else:
+                if block_mask is not None:
+                    probs += block_mask  # additive: 0 = may attend, the float minimum = blocked
+                probs -= probs.max(axis=-1, keepdims=True)  # softmax over the keys, in place
+                xp.exp(probs, out=probs)
+                probs *= 1 / sum_last(probs)
             dropped = probs if keep is None else probs * keep
             _matmul_into(dropped, v, out)  # (.., Tq, Tk) @ (.., Tk, D) -> (.., Tq, D)
 
@@ -511,8 +517,11 @@ class ScaledDotProductAttention(Function):
             dscores = g @ v.swapaxes(-1, -2)  # (.., Tq, Tk)
             if keep:
                 dscores *= keep[0]
-            dscores -= dot_last(g, out)
-            dscores *= probs
+            if self.fused_softmax and cuda_kernels.enabled(xp, dscores, out):
+                cuda_kernels.softmax_backward(dscores, probs, dot_last(g, out))
+            else:
+                dscores -= dot_last(g, out)
+                dscores *= probs
             _matmul_into(dscores, k, dq)  # (.., Tq, D)
             dq *= self.scale
             _matmul_into(dscores.swapaxes(-1, -2), q, dk)  # (.., Tk, D); q is already scaled
