@@ -188,6 +188,48 @@ def attention_timing() -> None:
            + f"; largest difference {error:.1e}", time.perf_counter() - start)
 
 
+def attention_parts() -> None:
+    """Where the cuBLAS + fused-softmax attention spends its time, piece by piece, at B=8, H=12,
+    T=1024, D=64 (each piece synchronised and timed alone, the mean of 5)."""
+    import cupy
+    import numpy as np
+
+    from tinygrad_llm import cuda_kernels
+    from tinygrad_llm.fused import dot_last
+
+    rng = np.random.default_rng(0)
+    q, k, v, g, out = (cupy.asarray(rng.standard_normal((8, 12, 1024, 64)), dtype=np.float32)
+                       for _ in range(5))
+    p = cupy.empty((8, 12, 1024, 1024), np.float32)
+    small = cupy.empty_like(q)
+    pieces = {
+        "S = q k^T": lambda: cupy.matmul(q, k.swapaxes(-1, -2), out=p),
+        "causal softmax kernel": lambda: cuda_kernels.causal_softmax(p),
+        "out = P v": lambda: cupy.matmul(p, v, out=small),
+        "dv = P^T g": lambda: cupy.matmul(p.swapaxes(-1, -2), g, out=small),
+        "dP = g v^T (new array)": lambda: g @ v.swapaxes(-1, -2),
+        "delta, einsum (dot_last)": lambda: dot_last(g, out),
+        "delta, (g * out).sum": lambda: (g * out).sum(axis=-1, keepdims=True),
+        "softmax backward kernel": lambda: cuda_kernels.softmax_backward(
+            p, p, (g * out).sum(axis=-1, keepdims=True)),
+        "dq = dS k": lambda: cupy.matmul(p, k, out=small),
+        "dk = dS^T q": lambda: cupy.matmul(p.swapaxes(-1, -2), q, out=small),
+    }
+    start = time.perf_counter()
+    lines = []
+    for name, piece in pieces.items():
+        piece()
+        cupy.cuda.Device().synchronize()
+        begin = time.perf_counter()
+        for _ in range(5):
+            piece()
+        cupy.cuda.Device().synchronize()
+        lines.append(f"{name} {1000 * (time.perf_counter() - begin) / 5:.2f} ms")
+    print("attention pieces: " + "; ".join(lines), flush=True)
+    record("attention pieces, B=8 H=12 T=1024 D=64", True, "; ".join(lines),
+           time.perf_counter() - start)
+
+
 def main() -> int:
     import cupy
 
@@ -204,6 +246,13 @@ def main() -> int:
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         record("attention timing", False, traceback.format_exc().splitlines()[-1][:100],
+               time.perf_counter() - start)
+    start = time.perf_counter()
+    try:
+        attention_parts()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        record("attention pieces", False, traceback.format_exc().splitlines()[-1][:100],
                time.perf_counter() - start)
     gpt2 = ["--n-layer", "12", "--n-head", "12", "--n-embd", "768", "--context-length", "1024",
             "--batch-size", "8", "--vocab-size", "50257", "--steps", "8", "--warmup", "3"]

@@ -76,6 +76,8 @@ def array_module(device: str):
 
 def get_array_module(array):
     """The array module an array belongs to (numpy for NumPy arrays and Python scalars)."""
+    if _cupy is None and type(array).__module__.startswith("cupy"):
+        _load_cupy()  # a CuPy array made before anything here asked for the GPU
     if _cupy is not None and isinstance(array, _cupy.ndarray):
         return _cupy
     return np

@@ -223,7 +223,7 @@ class GELU(Function):
     def forward(self, x):
         # reference: y = 0.5 * x * (1 + tanh(GELU_C * (x + GELU_A * x * x * x)))
         xp = get_xp(x)
-        self.fused = cuda_kernels.enabled(xp, x)
+        self.fused = cuda_kernels.enabled(xp, x, dtypes=cuda_kernels.GELU_DTYPES)
         if self.fused:  # one GPU kernel; its backward recomputes tanh
             self.x = x
             return cuda_kernels.gelu_forward(x)
