@@ -557,14 +557,18 @@ def flash_fits(q, k) -> bool:
     return D % 4 == 0 and D <= 128 and k.shape[-2] >= Tq >= 16
 
 
+def flash_source(head_dim: int) -> str:
+    """The flash kernels' CUDA source for one head size (tests/cuda_on_cpu.py runs it on a CPU)."""
+    return (_FLASH.replace("HEAD_DIM_VALUE", str(head_dim))
+            .replace("FLASH_ROWS_VALUE", str(FLASH_ROWS))
+            .replace("FLASH_TILE_VALUE", str(FLASH_TILE)))
+
+
 @functools.cache
 def _flash_kernels(head_dim: int):
     import cupy
 
-    code = (_FLASH.replace("HEAD_DIM_VALUE", str(head_dim))
-            .replace("FLASH_ROWS_VALUE", str(FLASH_ROWS))
-            .replace("FLASH_TILE_VALUE", str(FLASH_TILE)))
-    module = cupy.RawModule(code=code, options=("--use_fast_math",))
+    module = cupy.RawModule(code=flash_source(head_dim), options=("--use_fast_math",))
     return tuple(module.get_function(name) for name in
                  ("flash_forward", "flash_backward_dq", "flash_backward_dkv"))
 

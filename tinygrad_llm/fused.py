@@ -84,9 +84,14 @@ def sum_leading(x):
 
 
 def dot_last(a, b):
-    """sum(a * b, axis=-1, keepdims=True) without materialising a * b: (..., C) -> (..., 1)."""
+    """sum(a * b, axis=-1, keepdims=True): (..., C) -> (..., 1). On NumPy without materialising
+    a * b (einsum); on CuPy, whose einsum took 0.38 ms where multiply-then-sum took 0.05 ms for
+    (8, 12, 1024, 64) arrays on an H100, as the plain expression."""
+    xp = get_xp(a)
+    if xp is not np:
+        return (a * b).sum(axis=-1, keepdims=True)
     c = a.shape[-1]
-    dots = get_xp(a).einsum("ij,ij->i", a.reshape(-1, c), b.reshape(-1, c))
+    dots = xp.einsum("ij,ij->i", a.reshape(-1, c), b.reshape(-1, c))
     return dots.reshape(a.shape[:-1] + (1,))
 
 
@@ -513,7 +518,7 @@ class ScaledDotProductAttention(Function):
 
         def sequences(q, k, v, probs, out, g, dq, dk, dv, *keep):
             dropped = probs * keep[0] if keep else probs
-            _matmul_into(dropped.swapaxes(-1, -2), g, dv)  # (.., Tk, Tq) @ (.., Tq, D)
+            _matmul_transposed_into(dropped, g, dv)  # (.., Tk, Tq) @ (.., Tq, D)
             dscores = g @ v.swapaxes(-1, -2)  # (.., Tq, Tk)
             if keep:
                 dscores *= keep[0]
@@ -524,7 +529,7 @@ class ScaledDotProductAttention(Function):
                 dscores *= probs
             _matmul_into(dscores, k, dq)  # (.., Tq, D)
             dq *= self.scale
-            _matmul_into(dscores.swapaxes(-1, -2), q, dk)  # (.., Tk, D); q is already scaled
+            _matmul_transposed_into(dscores, q, dk)  # (.., Tk, D); q is already scaled
 
         backend.parallel_batches(sequences, q, k, v, self.probs, self.out,
                                  xp.ascontiguousarray(g), dq, dk, dv, *optional,
@@ -539,6 +544,19 @@ def _matmul_into(a, b, out) -> None:
         get_xp(a).matmul(a, b, out=out)
     else:
         out[...] = a @ b
+
+
+def _matmul_transposed_into(a, b, out) -> None:
+    """out[...] = a^T @ b, a^T being ``a`` with its last two axes swapped: a (.., Tq, Tk) is
+    attention's probabilities or score gradients, b (.., Tq, D) -> out (.., Tk, D).
+
+    NumPy's BLAS takes the transposed operand as it is. CuPy copied the transposed batched
+    (8, 12, 1024, 1024) operand first (1.11 ms against 0.30 ms untransposed, on an H100), so on
+    a GPU this computes (b^T a)^T, whose transpose is of the small (.., D, Tk) result."""
+    if get_xp(a) is np:
+        _matmul_into(a.swapaxes(-1, -2), b, out)
+    else:
+        out[...] = (b.swapaxes(-1, -2) @ a).swapaxes(-1, -2)
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask=None,
