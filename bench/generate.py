@@ -1,10 +1,14 @@
-"""Tokens per second of generation with and without the KV cache.
+"""Tokens per second of generation with and without the KV cache, next to PyTorch.
 
     python bench/generate.py                      # gpt2 preset (124M), random weights, CPU
 
 Generates ``--tokens`` tokens greedily from a short prompt, once recomputing the whole sequence
 at every step and once with the KV cache, and prints both rates and ``speedup=<x>``. Both runs
-produce the same tokens (checked).
+produce the same tokens (checked). With PyTorch installed, the same model (the same weights)
+also generates in PyTorch eager with its own KV cache -- GPT-2's forward written with
+``torch.nn.functional`` under ``torch.inference_mode()`` -- and ``torch_kv_cache_tokens_per_s=``
+and ``ratio=`` (ours / PyTorch, both with the cache) are printed, with a check that PyTorch
+picked the same tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +20,53 @@ from tinygrad_llm import backend
 from tinygrad_llm.generate import generate
 from tinygrad_llm.models.gpt import GPT, preset
 from tinygrad_llm.tokenizer import GPT2Tokenizer
+
+
+def torch_generate(model, prompt: list[int], new_tokens: int, device: str) -> list[int]:
+    """Greedy generation with a KV cache in PyTorch eager, from our model's weights."""
+    import torch
+    import torch.nn.functional as TF
+
+    config = model.config
+    weights = {name: torch.from_numpy(backend.to_numpy(array)).to(device)
+               for name, array in model.state_dict().items()}
+    head = weights["wte.weight"] if config.tie_weights else weights["lm_head.weight"]
+    H, C = config.n_head, config.n_embd
+    caches: list[tuple] = [(None, None)] * config.n_layer
+
+    def forward(ids, start):  # ids (1, T) at positions start.. -> logits of the last (V,)
+        x = weights["wte.weight"][ids] + weights["wpe.weight"][start:start + ids.shape[1]]
+        for i in range(config.n_layer):
+            w = {name: weights[f"h.{i}.{name}"] for name in (
+                "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+                "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+                "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")}
+            h = TF.layer_norm(x, (C,), w["ln_1.weight"], w["ln_1.bias"], config.layer_norm_eps)
+            q, k, v = torch.addmm(w["attn.c_attn.bias"], h[0], w["attn.c_attn.weight"]).split(C, 1)
+            q, k, v = (z.view(-1, H, C // H).transpose(0, 1) for z in (q, k, v))  # (H, T, D)
+            past_k, past_v = caches[i]
+            if past_k is not None:
+                k, v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
+            caches[i] = (k, v)
+            y = TF.scaled_dot_product_attention(q, k, v, is_causal=q.shape[1] > 1)
+            y = y.transpose(0, 1).reshape(-1, C)
+            x = x + torch.addmm(w["attn.c_proj.bias"], y, w["attn.c_proj.weight"])
+            h = TF.layer_norm(x, (C,), w["ln_2.weight"], w["ln_2.bias"], config.layer_norm_eps)
+            h = TF.gelu(torch.addmm(w["mlp.c_fc.bias"], h[0], w["mlp.c_fc.weight"]),
+                        approximate="tanh")
+            x = x + torch.addmm(w["mlp.c_proj.bias"], h, w["mlp.c_proj.weight"])
+        last = TF.layer_norm(x[0, -1], (C,), weights["ln_f.weight"], weights["ln_f.bias"],
+                             config.layer_norm_eps)
+        return head @ last if config.tie_weights else last @ head
+
+    new: list[int] = []
+    with torch.inference_mode():
+        logits = forward(torch.tensor([prompt], device=device), 0)
+        while True:
+            new.append(int(logits.argmax()))  # one read per token, as ours does
+            if len(new) == new_tokens:
+                return new
+            logits = forward(torch.tensor([new[-1:]], device=device), len(prompt) + len(new) - 1)
 
 
 def main(argv=None) -> None:
@@ -45,6 +96,23 @@ def main(argv=None) -> None:
     print(f"same tokens: {same}")
     print(f"tokens_per_s={rates['kv_cache']:.2f}")
     print(f"speedup={rates['kv_cache'] / rates['no_cache']:.2f}")
+    try:
+        import torch
+    except ImportError:
+        print("(PyTorch not installed: no comparison)")
+        return
+    if len(prompt) + args.tokens > model.config.context_length:
+        print("(longer than the context: no PyTorch comparison, which does not crop)")
+        return
+    device = "cuda" if backend.normalize_device(args.device) == "cuda" else "cpu"
+    torch_generate(model, prompt, 3, device)  # warm up
+    start = time.perf_counter()
+    theirs = torch_generate(model, prompt, args.tokens, device)
+    rate = args.tokens / (time.perf_counter() - start)
+    print(f"torch_kv_cache_tokens_per_s={rate:.2f}  (PyTorch {torch.__version__} eager, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"torch same tokens: {theirs == outputs['kv_cache'][0]}")
+    print(f"ratio={rates['kv_cache'] / rate:.3f}")
 
 
 if __name__ == "__main__":
