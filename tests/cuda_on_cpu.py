@@ -10,8 +10,10 @@ what only a GPU shows (speed, warp behaviour, fast-math ``expf``) is left to ben
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +102,24 @@ int main(int argc, char** argv) {  // heads Tq Tk scale: q k v g .bin -> out lse
 """
 
 
+@functools.cache
 def compiler() -> str | None:
-    """A C++ compiler that knows std::barrier (C++20), or None."""
-    return shutil.which("g++") or shutil.which("clang++")
+    """A C++ compiler that knows std::barrier (C++20), or None: each candidate found on the PATH
+    compiles a four-line program that uses one (an older g++ or libstdc++ has no <barrier>)."""
+    probe = "#include <barrier>\n#include <thread>\nint main() { std::barrier<> b(1); " \
+            "b.arrive_and_wait(); }\n"
+    for name in ("g++", "clang++"):
+        path = shutil.which(name)
+        if path is None:
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            source = Path(folder) / "probe.cpp"
+            source.write_text(probe)
+            built = subprocess.run([path, "-std=c++20", "-pthread", str(source), "-o",
+                                    str(Path(folder) / "probe")], capture_output=True)
+        if built.returncode == 0:
+            return path
+    return None
 
 
 def build_flash(head_dim: int, folder: Path) -> Path:

@@ -176,6 +176,25 @@ def test_a_gpt_with_the_kernels_gives_the_array_codes_loss_and_gradients(monkeyp
         close(*both_ways(monkeypatch, compute), rtol=2e-4, atol=2e-5)
 
 
+def test_flash_kernels_take_only_the_shapes_they_index_correctly():
+    """The kernels index q, k and v alike, (B * H, T, D) each: a broadcast k or v, another head
+    size for v, or fewer keys than queries must go to the array code (shapes only: runs on any
+    machine)."""
+    from tinygrad_llm.cuda_kernels import flash_fits
+
+    q = np.empty((2, 4, 64, 32), np.float32)
+    assert flash_fits(q, q, q)
+    assert flash_fits(q, np.empty((2, 4, 80, 32)), np.empty((2, 4, 80, 32)))  # Tk > Tq
+    for k, v in [(np.empty((1, 4, 64, 32)), q),  # k broadcast over the batch
+                 (q, np.empty((2, 1, 64, 32))),  # v broadcast over the heads
+                 (q, np.empty((2, 4, 64, 16))),  # v of another head size
+                 (np.empty((2, 4, 32, 32)), np.empty((2, 4, 32, 32)))]:  # fewer keys than queries
+        assert not flash_fits(q, k, v)
+    q30, short = q[..., :30], q[:, :, :8]
+    assert not flash_fits(q30, q30, q30)  # a head size that is not a multiple of 4
+    assert not flash_fits(short, short, short)  # a few query rows
+
+
 @pytest.mark.skipif(cuda_on_cpu.compiler() is None, reason="needs a C++20 compiler")
 @pytest.mark.parametrize("heads, Tq, Tk, D", [(3, 70, 70, 64), (2, 33, 100, 64), (1, 64, 64, 8)])
 def test_the_flash_kernels_source_run_on_the_cpu_matches_the_array_code(tmp_path, heads, Tq, Tk,

@@ -537,11 +537,11 @@ void flash_backward_dkv(const float* q, const float* k, const float* v, const fl
 FLASH_ABOVE_BYTES = 1 << 30  # flash attention where one layer's P (B, H, Tq, Tk) would be larger
 
 
-def use_flash(q, k) -> bool:
+def use_flash(q, k, v) -> bool:
     """Flash attention (no T x T matrix) or cuBLAS products around the fused softmax (which keeps
     P for the backward, as the array code does)? ``TINYGRAD_LLM_FLASH_ATTENTION=1`` or ``0``
     decides; by default flash where one layer's P would take more than FLASH_ABOVE_BYTES."""
-    if not flash_fits(q, k):
+    if not flash_fits(q, k, v):
         return False
     choice = os.environ.get("TINYGRAD_LLM_FLASH_ATTENTION")
     if choice in ("0", "1"):
@@ -549,12 +549,17 @@ def use_flash(q, k) -> bool:
     return q.size // q.shape[-1] * k.shape[-2] * 4 > FLASH_ABOVE_BYTES
 
 
-def flash_fits(q, k) -> bool:
-    """Whether the flash kernels take this causal attention: a head size that is a multiple of 4
-    up to 128, at least as many keys as queries, and more than a few queries (a decoding step's
-    single query row would leave all but one of a block's threads idle)."""
+def flash_fits(q, k, v) -> bool:
+    """Whether the flash kernels take this causal attention: float32 q, k, v (already checked by
+    ``enabled``) of the same (B, H) and head size -- the kernels index all three alike, so a
+    broadcast k or v would be read out of bounds --, k and v of the same length, a head size
+    that is a multiple of 4 up to 128, at least as many keys as queries, and more than a few
+    queries (a decoding step's single query row would leave all but one of a block's threads
+    idle)."""
     D, Tq = q.shape[-1], q.shape[-2]
-    return D % 4 == 0 and D <= 128 and k.shape[-2] >= Tq >= 16
+    same = (q.ndim == k.ndim == v.ndim and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
+            and k.shape == v.shape and k.shape[-1] == D)
+    return same and D % 4 == 0 and D <= 128 and k.shape[-2] >= Tq >= 16
 
 
 def flash_source(head_dim: int) -> str:

@@ -460,7 +460,7 @@ class ScaledDotProductAttention(Function):
         # on a GPU, with the kernels on, causal attention without dropout may run as kernels
         # that never hold the T x T matrix (cuda_kernels.use_flash says when)
         self.flash = (mask_is_causal and dropout_p == 0 and cuda_kernels.enabled(xp, q, k, v)
-                      and cuda_kernels.use_flash(q, k))
+                      and cuda_kernels.use_flash(q, k, v))
         if self.flash:
             out, self.lse = cuda_kernels.flash_attention_forward(q, k, v, scale)
             self.q, self.k, self.v, self.out = q, k, v, out
@@ -550,9 +550,10 @@ def _matmul_transposed_into(a, b, out) -> None:
     """out[...] = a^T @ b, a^T being ``a`` with its last two axes swapped: a (.., Tq, Tk) is
     attention's probabilities or score gradients, b (.., Tq, D) -> out (.., Tk, D).
 
-    NumPy's BLAS takes the transposed operand as it is. CuPy copied the transposed batched
-    (8, 12, 1024, 1024) operand first (1.11 ms against 0.30 ms untransposed, on an H100), so on
-    a GPU this computes (b^T a)^T, whose transpose is of the small (.., D, Tk) result."""
+    NumPy's BLAS takes the transposed operand as it is. On CuPy the product with the transposed
+    batched (8, 12, 1024, 1024) operand took 1.11 ms against 0.30 ms untransposed (an H100), as
+    if that 400 MB operand were copied first (inferred from the timing, not traced), so on a GPU
+    this computes (b^T a)^T, whose transpose is of the small (.., D, Tk) result."""
     if get_xp(a) is np:
         _matmul_into(a.swapaxes(-1, -2), b, out)
     else:
@@ -574,8 +575,9 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
             form (``make_additive_mask``), broadcastable to (B, H, Tq, Tk): how a model passes
             the causal mask it caches (``models.gpt.CausalMaskCache``).
         mask_is_causal: a promise that ``additive_mask`` is exactly the causal mask (as
-            PyTorch's ``is_causal`` hint beside ``attn_mask``): a kernel that applies the causal
-            rule itself (the flash kernel on a GPU) may then leave the mask unread.
+            PyTorch's ``is_causal`` hint beside ``attn_mask``): on a GPU, a kernel that applies
+            the causal rule by index -- the fused causal softmax, or the flash kernels where
+            ``cuda_kernels.use_flash`` picks them -- may then leave the mask unread.
     """
     if additive_mask is not None:
         if causal or mask is not None:
