@@ -267,7 +267,7 @@ def main() -> int:
                               ("float32, fused kernels, per-op profile", ["--profile"], kernels),
                               ("float32, fused kernels, flash attention", ["--no-torch"],
                                {**kernels, "TINYGRAD_LLM_FLASH_ATTENTION": "1"}),
-                              ("TF32", ["--tf32", "--no-torch"], plain),
+                              ("TF32, array code", ["--tf32", "--no-torch"], plain),
                               ("TF32, fused kernels, per-op profile", ["--tf32", "--profile"],
                                kernels),
                               ("float16 mixed, fused kernels, per-op profile, vs PyTorch bf16 "
