@@ -9,7 +9,7 @@ PyTorch; prints a table last.
    must equal the uninterrupted run's), generation with the KV cache, the errors for token ids
    out of range, and NumPy operands given to ops on the GPU;
 3. bench/train_step.py on GPT-2 124M (batch 8, context 1024), next to PyTorch eager with SDPA,
-   at float32, with TF32 matrix products (both engines) and mixed precision (ours float16 with
+   at float32, with TF32 matrix products (ours and PyTorch's) and mixed precision (ours float16 with
    loss scaling, PyTorch bfloat16 autocast), PyTorch beside our default (the fused CUDA
    kernels on), our array code (TINYGRAD_LLM_CUDA_KERNELS=0) and flash attention alone, with
    per-op profiles;

@@ -102,19 +102,23 @@ int main(int argc, char** argv) {  // heads Tq Tk scale: q k v g .bin -> out lse
 """
 
 
+BARRIER_PROBE = r"""
+#include <barrier>
+int main() { std::barrier<> b(1); b.arrive_and_wait(); }
+"""
+
+
 @functools.cache
 def compiler() -> str | None:
     """A C++ compiler that knows std::barrier (C++20), or None: each candidate found on the PATH
-    compiles a four-line program that uses one (an older g++ or libstdc++ has no <barrier>)."""
-    probe = "#include <barrier>\n#include <thread>\nint main() { std::barrier<> b(1); " \
-            "b.arrive_and_wait(); }\n"
+    compiles BARRIER_PROBE (an older g++ or libstdc++ has no <barrier>)."""
     for name in ("g++", "clang++"):
         path = shutil.which(name)
         if path is None:
             continue
         with tempfile.TemporaryDirectory() as folder:
             source = Path(folder) / "probe.cpp"
-            source.write_text(probe)
+            source.write_text(BARRIER_PROBE)
             built = subprocess.run([path, "-std=c++20", "-pthread", str(source), "-o",
                                     str(Path(folder) / "probe")], capture_output=True)
         if built.returncode == 0:

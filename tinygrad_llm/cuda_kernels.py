@@ -550,16 +550,16 @@ def use_flash(q, k, v) -> bool:
 
 
 def flash_fits(q, k, v) -> bool:
-    """Whether the flash kernels take this causal attention: float32 q, k, v (already checked by
-    ``enabled``) of the same (B, H) and head size -- the kernels index all three alike, so a
-    broadcast k or v would be read out of bounds --, k and v of the same length, a head size
-    that is a multiple of 4 up to 128, at least as many keys as queries, and more than a few
-    queries (a decoding step's single query row would leave all but one of a block's threads
-    idle)."""
+    """Whether the flash kernels take this causal attention (float32 is ``enabled``'s check).
+
+    The kernels index q (B, H, Tq, D), k and v (B, H, Tk, D) alike, as (B * H, T, D) arrays, so
+    all three need the same leading axes (a k or v broadcast over them would be read out of
+    bounds) and the same head size D: a multiple of 4 up to 128. At least as many keys as
+    queries, and more than a few queries (a decoding step's single query row would leave all but
+    one of a block's threads idle)."""
     D, Tq = q.shape[-1], q.shape[-2]
-    same = (q.ndim == k.ndim == v.ndim and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
-            and k.shape == v.shape and k.shape[-1] == D)
-    return same and D % 4 == 0 and D <= 128 and k.shape[-2] >= Tq >= 16
+    same_layout = q.shape[:-2] == k.shape[:-2] and k.shape == v.shape and k.shape[-1] == D
+    return same_layout and D % 4 == 0 and D <= 128 and k.shape[-2] >= Tq >= 16
 
 
 def flash_source(head_dim: int) -> str:
