@@ -6,8 +6,14 @@ r"""Time whole training steps (forward, backward, clipping, AdamW) on random tok
 
 Prints ``tokens_per_s=<float>``; with PyTorch installed, also the same model and step in PyTorch
 eager (``torch_tokens_per_s=``) and ``ratio=`` (ours / PyTorch). Both use float32 and the same
-number of threads, in one process. The BLAS kernel NumPy picked is printed too: an environment
-that forces an older one (OPENBLAS_CORETYPE) changes our figure a lot and PyTorch's not at all.
+number of threads, in one process, and they take turns: rounds of about half a second of steps,
+ours then PyTorch's, then PyTorch's then ours, ... (``time_steps``). On a machine shared with
+other tenants the speed drifts by 10-20% within a minute; taking turns, both engines meet the same
+drift. Each tokens/s figure is from the median round; ``ratio`` is the median over the rounds of
+PyTorch's step time over ours, printed with the middle half of the rounds' ratios (their spread
+is the noise of that run). The BLAS kernel NumPy picked is printed too: an
+environment that forces an older one (OPENBLAS_CORETYPE) changes our figure a lot and PyTorch's
+not at all.
 
 The model flags are spelled as in ``tinygrad-llm pretrain``; the older spellings (``--n_layer``,
 ``--block``, ``--batch``, ``--vocab`` ...) still work.
@@ -65,16 +71,45 @@ def batches(args, count):
             for _ in range(count)]
 
 
-def time_steps(step, data, warmup, sync=lambda: None) -> float:
-    """Seconds per step, after ``warmup`` untimed steps."""
-    for x, y in data[:warmup]:
-        step(x, y)
-    sync()
-    start = time.perf_counter()
-    for x, y in data[warmup:]:
-        step(x, y)
-    sync()
-    return (time.perf_counter() - start) / (len(data) - warmup)
+# How the engines take turns: in rounds of about ROUND_SECONDS of steps, each round after a pause
+# of SETTLE_SECONDS. Both engines keep threads that spin for a while after their last op (OpenBLAS
+# for ours, OpenMP for PyTorch's) and slow whatever runs next on the cores; steps run back to back
+# across engines measured PyTorch 40% slower than alone. The pause lets them sleep first.
+SETTLE_SECONDS = 0.3
+ROUND_SECONDS = 0.5
+
+
+def time_steps(steps, data, warmup, sync=lambda: None) -> list:
+    """Seconds per step of each function in ``steps`` (functions of (x, y)), the functions taking
+    turns over ``data`` after ``warmup`` untimed steps each. A turn is a round of consecutive
+    steps lasting about ROUND_SECONDS, after a pause of SETTLE_SECONDS and, when a step is
+    shorter than a round, one untimed step (the first after a pause finds cold caches). The
+    order of the functions alternates from round to round. Returns, per function, the mean
+    step time of each of its rounds; all functions get the same number of rounds."""
+    longest = 0.0
+    for step in steps:
+        for x, y in data[:warmup]:
+            start = time.perf_counter()
+            step(x, y)
+            sync()
+            longest = max(longest, time.perf_counter() - start)
+    timed = data[warmup:]
+    per_round = max(1, min(len(timed), round(ROUND_SECONDS / max(longest, 1e-9))))
+    rounds = [timed[i:i + per_round] for i in range(0, len(timed), per_round)]
+    seconds = [[] for _ in steps]
+    for r, batch in enumerate(rounds):
+        order = list(enumerate(steps))
+        for k, step in order if r % 2 == 0 else order[::-1]:
+            time.sleep(SETTLE_SECONDS)
+            if per_round > 1:
+                step(*batch[0])
+                sync()
+            start = time.perf_counter()
+            for x, y in batch:
+                step(x, y)
+            sync()
+            seconds[k].append((time.perf_counter() - start) / len(batch))
+    return seconds
 
 
 def profile_steps(step, data, sync=lambda: None) -> None:
@@ -135,7 +170,8 @@ def profile_steps(step, data, sync=lambda: None) -> None:
         print(f"{name:<40} {1000 * seconds / len(data):>8.1f} {100 * seconds / total:>5.1f}%")
 
 
-def bench_ours(args, data) -> float:
+def make_ours(args):
+    """Our model, optimizer and training step: returns (step, sync)."""
     backend.manual_seed(0)
     config = GPTConfig(vocab_size=args.vocab_size, context_length=args.context_length,
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
@@ -157,13 +193,12 @@ def bench_ours(args, data) -> float:
     sync = lambda: None  # noqa: E731
     if backend.normalize_device(args.device) == "cuda":
         sync = backend.array_module("cuda").cuda.Device().synchronize
-    seconds = time_steps(step, data, args.warmup, sync)
-    if args.profile:
-        profile_steps(step, data[args.warmup:], sync)
-    return seconds
+    return step, sync
 
 
-def bench_torch(args, data) -> float:
+def make_torch(args, data):
+    """The same model, optimizer and step in PyTorch eager: returns (step, sync, data as torch
+    tensors)."""
     import torch
     import torch.nn as nn
 
@@ -224,7 +259,7 @@ def bench_torch(args, data) -> float:
         optimizer.zero_grad(set_to_none=True)
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    return time_steps(step, torch_data, args.warmup, sync)
+    return step, sync, torch_data
 
 
 def blas_kernel() -> str:
@@ -256,19 +291,31 @@ def main(argv=None) -> None:
           + (f"threads: {args.threads} (the library splits products and elementwise work over "
              "them; BLAS on one thread per call)" if args.threads else
              "threads: NumPy's elementwise on one, BLAS on its own"))
-    ours = tokens / bench_ours(args, data)
-    print(f"tokens_per_s={ours:.1f}")
-    if args.no_torch:
-        return
-    try:
-        import torch
-    except ImportError:
-        print("(PyTorch not installed: no comparison)")
-        return
-    theirs = tokens / bench_torch(args, data)
-    print(f"torch_tokens_per_s={theirs:.1f}  (PyTorch {torch.__version__} eager, "
-          f"{torch.get_num_threads()} threads)")
-    print(f"ratio={ours / theirs:.3f}")
+    ours_step, ours_sync = make_ours(args)
+    steps, syncs = [ours_step], [ours_sync]
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            print("(PyTorch not installed: no comparison)")
+    if torch is not None:  # one step function over our data, the other over the same as tensors
+        torch_step, torch_sync, torch_data = make_torch(args, data)
+        by_id = {id(x): pair for (x, _), pair in zip(data, torch_data, strict=True)}
+        steps.append(lambda x, y: torch_step(*by_id[id(x)]))
+        syncs.append(torch_sync)
+    seconds = time_steps(steps, data, args.warmup, lambda: [sync() for sync in syncs])
+    median = [float(np.median(s)) for s in seconds]
+    print(f"tokens_per_s={tokens / median[0]:.1f}")
+    if torch is not None:
+        pairs = np.array(seconds[1]) / np.array(seconds[0])  # PyTorch's time / ours, by round
+        print(f"torch_tokens_per_s={tokens / median[1]:.1f}  (PyTorch {torch.__version__} eager, "
+              f"{torch.get_num_threads()} threads)")
+        print(f"ratio={float(np.median(pairs)):.3f}  (median over {len(pairs)} rounds, the engines "
+              f"taking turns; the middle half of the rounds: {np.percentile(pairs, 25):.3f}-"
+              f"{np.percentile(pairs, 75):.3f})")
+    if args.profile:
+        profile_steps(ours_step, data[args.warmup:], ours_sync)
 
 
 if __name__ == "__main__":

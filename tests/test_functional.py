@@ -393,6 +393,66 @@ def test_attention_dropout_gradients(device, data, seed):
     check_gradients(fn, [q, k, v], device)
 
 
+@given(data=st.data(), rows=st.integers(1, 3), cached_mask=st.booleans())
+def test_causal_attention_in_blocks_of_queries(device, data, rows, cached_mask):
+    # blocks of 1-3 queries, each multiplied only by the keys it may see (the CPU path)
+    from tinygrad_llm import fused
+
+    batch, heads, dim = (data.draw(st.integers(1, 2)) for _ in range(3))
+    tk = data.draw(st.integers(1, 7))
+    tq = data.draw(st.integers(1, tk))  # fewer queries than keys: decoding with a KV cache
+    q = data.draw(arrays((batch, heads, tq, dim)))
+    k, v = data.draw(arrays((batch, heads, tk, dim))), data.draw(arrays((batch, heads, tk, dim)))
+    xp = backend.array_module(device)
+
+    def fn(q_, k_, v_):
+        if not cached_mask:  # the op builds the causal mask itself
+            return F.scaled_dot_product_attention(q_, k_, v_, causal=True)
+        mask = F.make_additive_mask(F.causal_mask(tq, tk, xp), np.float64)  # as GPT passes it
+        return F.scaled_dot_product_attention(q_, k_, v_, causal=False, additive_mask=mask,
+                                              mask_is_causal=True)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "CAUSAL_BLOCK_ROWS", rows)
+        assert_op(fn, lambda q_, k_, v_: attention_reference(q_, k_, v_, True), [q, k, v],
+                  device)
+
+
+@pytest.mark.parametrize("tk", [5, 8])
+def test_causal_blocks_cover_exactly_the_keys_each_query_sees(device, tk):
+    from tinygrad_llm import fused
+
+    tq, seen = 5, []
+    for q0, q1, k1 in fused.causal_blocks(tq, tk, 2):
+        assert q1 - q0 <= 2
+        seen += [(i, k1) for i in range(q0, q1)]
+    # query i sees keys 0 .. i + tk - tq: its block's keys reach its own last key, and the
+    # block's last query needs all of them
+    assert [i for i, _ in seen] == list(range(tq))
+    assert all(k1 >= i + tk - tq + 1 for i, k1 in seen)
+    assert [k1 for _, k1 in seen][-1] == tk
+
+
+def test_attention_dropout_in_blocks_equals_one_block(device):
+    # the keep mask is drawn whole, so blocks of queries see the same dropped weights
+    from tinygrad_llm import fused
+
+    rng = np.random.default_rng(0)
+    q, k, v, g = (rng.standard_normal((2, 2, 7, 3)) for _ in range(4))
+    results = []
+    for rows in (2, 100):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(fused, "CAUSAL_BLOCK_ROWS", rows)
+            backend.manual_seed(5)
+            tensors = [Tensor(a, device=device, requires_grad=True) for a in (q, k, v)]
+            out = F.scaled_dot_product_attention(*tensors, dropout_p=0.4)
+            out.backward(Tensor(g, device=device))
+            results.append([out.numpy()] + [t.grad for t in tensors])
+    for blocked, whole in zip(*results, strict=True):
+        np.testing.assert_allclose(backend.to_numpy(blocked), backend.to_numpy(whole),
+                                   rtol=1e-12, atol=1e-12)
+
+
 def test_fully_masked_rows_give_finite_output(device):
     q = Tensor(np.ones((1, 1, 2, 2)), device=device)
     mask = backend.array_module(device).zeros((2, 2), dtype=bool)

@@ -445,12 +445,30 @@ def _dropout_keep(shape, p: float, dtype, device: str):
     return keep.astype(dtype) * (1.0 / (1.0 - p))
 
 
+# Causal attention on the CPU skips the keys its queries may not see. The queries go in blocks of
+# CAUSAL_BLOCK_ROWS, and block [q0, q1) meets only keys [0, k1), k1 - 1 being the last key its
+# last query sees. With n blocks that is (n + 1) / 2n of the T x T scores (5/8 at n = 4): of
+# their two products, their softmax passes and the memory P is kept in. Blocks of 64 rows
+# measured fastest on a 2-core Intel Xeon (docs/performance.md); shorter ones lose to the
+# Python and BLAS overhead per block.
+CAUSAL_BLOCK_ROWS = 64
+
+
+def causal_blocks(query_length: int, key_length: int, rows: int) -> list:
+    """[(q0, q1, k1), ...]: blocks of ``rows`` queries; queries q0..q1-1 see keys 0..k1-1 under
+    the causal mask, where query i (bottom-right aligned, as ``causal_mask``) sees keys
+    0 .. i + key_length - query_length. The last block sees every key."""
+    return [(q0, min(q0 + rows, query_length), min(q0 + rows, query_length) + key_length
+             - query_length) for q0 in range(0, query_length, rows)]
+
+
 class ScaledDotProductAttention(Function):
     """softmax(q k^T / sqrt(D) + mask) v for q (B, H, Tq, D), k and v (B, H, Tk, D).
 
-    Saves the scaled queries, k, v, the attention probabilities P (B, H, Tq, Tk), the output
-    and, with dropout, the scaled keep mask (B, H, Tq, Tk): exactly what the backward needs, and
-    no score matrix besides.
+    Saves the scaled queries, k, v, the attention probabilities P (B, H, Tq, Tk) -- one array
+    per block of queries when causal blocks skip the hidden keys -- the output and, with
+    dropout, the scaled keep mask (B, H, Tq, Tk): exactly what the backward needs, and no
+    score matrix besides.
     """
 
     def forward(self, q, k, v, mask, dropout_p, device, mask_is_causal=False):
@@ -469,24 +487,29 @@ class ScaledDotProductAttention(Function):
         # float16 scores (mixed precision) meet a float32 mask: the softmax runs in float32,
         # where the mask's minimum exists, as PyTorch's autocast runs softmax in float32
         dtype = q.dtype if mask is None else np.promote_types(q.dtype, mask.dtype)
-        probs = xp.empty(q.shape[:-1] + (k.shape[-2],), dtype)  # (B, H, Tq, Tk)
+        (query_length, key_length), batch = (q.shape[-2], k.shape[-2]), q.shape[:-2]
         out = xp.empty(q.shape[:-1] + (v.shape[-1],), np.promote_types(dtype, v.dtype))
         self.keep = None  # dropout on the attention weights (GPT-2's attn_pdrop), drawn at once
         if dropout_p > 0:
-            self.keep = _dropout_keep(probs.shape, dropout_p, dtype, device)
+            self.keep = _dropout_keep(batch + (query_length, key_length), dropout_p, dtype,
+                                      device)
         # the sequences of the batch are independent: a block of them per thread
         split_mask = mask is not None and mask.ndim == 4 and mask.shape[0] == q.shape[0] > 1
-        optional = [a for a in (self.keep, mask if split_mask else None) if a is not None]
         # on a GPU, with the kernels on: the causal mask, max, exp, sum and division in one kernel
-        self.fused_softmax = (mask_is_causal and k.shape[-2] >= q.shape[-2]
-                              and cuda_kernels.enabled(xp, probs))
+        self.fused_softmax = (mask_is_causal and key_length >= query_length
+                              and cuda_kernels.enabled(xp) and dtype == np.float32)
+        # on the CPU, causal attention in blocks of queries that skip the keys they may not see
+        self.blocks = [(0, query_length, key_length)]  # one block: every query, every key
+        if (mask_is_causal and xp is np and key_length >= query_length and not split_mask
+                and mask.shape[-2:] == (query_length, key_length)):
+            self.blocks = causal_blocks(query_length, key_length, CAUSAL_BLOCK_ROWS)
 
-        def sequences(q, k, v, probs, out, *optional_blocks):
+        def sequences(q, k, v, probs, out, *optional_blocks, shared_mask):
             # the optional arrays in the order they were passed: keep (with dropout), then the
-            # mask (when it has one per sequence; else every block shares the whole mask)
+            # mask (when it has one per sequence; else every block shares ``shared_mask``)
             blocks = list(optional_blocks)
             keep = blocks.pop(0) if self.keep is not None else None
-            block_mask = blocks.pop(0) if split_mask else mask
+            block_mask = blocks.pop(0) if split_mask else shared_mask
             _matmul_into(q, k.swapaxes(-1, -2), probs)  # (.., Tq, D) @ (.., D, Tk): scores
             if self.fused_softmax:  # mask by index, max, exp, sum and divide, in place
                 cuda_kernels.causal_softmax(probs)
@@ -499,8 +522,18 @@ class ScaledDotProductAttention(Function):
             dropped = probs if keep is None else probs * keep
             _matmul_into(dropped, v, out)  # (.., Tq, Tk) @ (.., Tk, D) -> (.., Tq, D)
 
-        backend.parallel_batches(sequences, q, k, v, probs, out, *optional, work=probs.size)
-        self.q, self.k, self.v, self.probs, self.out = q, k, v, probs, out
+        self.probs = []  # P of each block of queries, (B, H, q1 - q0, k1)
+        for q0, q1, k1 in self.blocks:
+            rows, keys = slice(q0, q1), slice(0, k1)
+            probs = xp.empty(batch + (q1 - q0, k1), dtype)
+            optional = [a[..., rows, keys] for a in (self.keep, mask if split_mask else None)
+                        if a is not None]
+            shared = None if mask is None or split_mask else mask[..., rows, keys]
+            backend.parallel_batches(functools.partial(sequences, shared_mask=shared),
+                                     q[..., rows, :], k[..., keys, :], v[..., keys, :], probs,
+                                     out[..., rows, :], *optional, work=probs.size)
+            self.probs.append(probs)
+        self.q, self.k, self.v, self.out = q, k, v, out
         return out
 
     def backward(self, g):
@@ -508,17 +541,18 @@ class ScaledDotProductAttention(Function):
         # softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(g * out)
         # (the FlashAttention identity: sum_j P_ij dP_ij = g_i . out_i), then with scores
         # S = (s q) k^T:  dq = s dS k,  dk = dS^T (s q)
+        # In blocks of queries, each block adds its share to dk and dv of the keys it saw.
         xp = get_xp(g)
         q, k, v = self.q, self.k, self.v
         if self.flash:  # the same formulas, p recomputed from the saved lse, tile by tile
             return cuda_kernels.flash_attention_backward(q, k, v, self.out, self.lse, g,
                                                          self.scale)
         dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
-        optional = [] if self.keep is None else [self.keep]
+        g = xp.ascontiguousarray(g)
 
-        def sequences(q, k, v, probs, out, g, dq, dk, dv, *keep):
+        def sequences(q, k, v, probs, out, g, dq, dk, dv, *keep, add):
             dropped = probs * keep[0] if keep else probs
-            _matmul_transposed_into(dropped, g, dv)  # (.., Tk, Tq) @ (.., Tq, D)
+            _matmul_transposed_into(dropped, g, dv, add)  # (.., Tk, Tq) @ (.., Tq, D)
             dscores = g @ v.swapaxes(-1, -2)  # (.., Tq, Tk)
             if keep:
                 dscores *= keep[0]
@@ -529,11 +563,16 @@ class ScaledDotProductAttention(Function):
                 dscores *= probs
             _matmul_into(dscores, k, dq)  # (.., Tq, D)
             dq *= self.scale
-            _matmul_transposed_into(dscores, q, dk)  # (.., Tk, D); q is already scaled
+            _matmul_transposed_into(dscores, q, dk, add)  # (.., Tk, D); q is already scaled
 
-        backend.parallel_batches(sequences, q, k, v, self.probs, self.out,
-                                 xp.ascontiguousarray(g), dq, dk, dv, *optional,
-                                 work=self.probs.size)
+        # the last block sees every key: it writes dk and dv, and the blocks before it add theirs
+        for (q0, q1, k1), probs in reversed(list(zip(self.blocks, self.probs, strict=True))):
+            rows, keys = slice(q0, q1), slice(0, k1)
+            keep = [] if self.keep is None else [self.keep[..., rows, keys]]
+            backend.parallel_batches(functools.partial(sequences, add=q1 != self.blocks[-1][1]),
+                                     q[..., rows, :], k[..., keys, :], v[..., keys, :], probs,
+                                     self.out[..., rows, :], g[..., rows, :], dq[..., rows, :],
+                                     dk[..., keys, :], dv[..., keys, :], *keep, work=probs.size)
         return dq, dk, dv
 
 
@@ -546,15 +585,18 @@ def _matmul_into(a, b, out) -> None:
         out[...] = a @ b
 
 
-def _matmul_transposed_into(a, b, out) -> None:
-    """out[...] = a^T @ b, a^T being ``a`` with its last two axes swapped: a (.., Tq, Tk) is
-    attention's probabilities or score gradients, b (.., Tq, D) -> out (.., Tk, D).
+def _matmul_transposed_into(a, b, out, add: bool = False) -> None:
+    """out[...] = a^T @ b, or out += a^T @ b with ``add``; a^T is ``a`` with its last two axes
+    swapped: a (.., Tq, Tk) is attention's probabilities or score gradients, b (.., Tq, D) ->
+    out (.., Tk, D).
 
     NumPy's BLAS takes the transposed operand as it is. On CuPy the product with the transposed
     batched (8, 12, 1024, 1024) operand took 1.11 ms against 0.30 ms untransposed (an H100), as
     if that 400 MB operand were copied first (inferred from the timing, not traced), so on a GPU
     this computes (b^T a)^T, whose transpose is of the small (.., D, Tk) result."""
-    if get_xp(a) is np:
+    if add:
+        out += a.swapaxes(-1, -2) @ b
+    elif get_xp(a) is np:
         _matmul_into(a.swapaxes(-1, -2), b, out)
     else:
         out[...] = (b.swapaxes(-1, -2) @ a).swapaxes(-1, -2)
