@@ -30,7 +30,7 @@ import threading
 
 import numpy as np
 
-from . import backend, cuda_kernels
+from . import backend, cpu_kernels, cuda_kernels
 from .tensor import Function, Tensor, array_on
 
 get_xp = backend.get_array_module
@@ -325,10 +325,15 @@ class LayerNorm(Function):
         xp = get_xp(x)
         self.weight, self.has_bias = weight, bias is not None
         self.fused = cuda_kernels.enabled(xp, x, weight)
+        self.compiled = False
         if self.fused:  # the lines below as one GPU kernel, one block per row
             y, self.xhat, self.rstd = cuda_kernels.layer_norm_forward(x, weight, bias, eps)
             return y
         x = xp.ascontiguousarray(x)
+        self.compiled = cpu_kernels.enabled(xp, x, weight, *(() if bias is None else (bias,)))
+        if self.compiled:  # the lines below as one compiled loop over the rows (numba)
+            y, self.xhat, self.rstd = cpu_kernels.layer_norm_forward(x, weight, bias, eps)
+            return y
         xhat, y = xp.empty_like(x), xp.empty_like(x)
         rstd = xp.empty(x.shape[:-1] + (1,), x.dtype)
         rows = functools.partial(_layer_norm_rows, weight=weight, bias=bias, eps=eps)
@@ -343,6 +348,9 @@ class LayerNorm(Function):
         xp = get_xp(xhat)
         g = xp.ascontiguousarray(g)
         gx = None
+        if self.compiled:  # dx, dw and db in one compiled pass over the rows
+            gx, gw, gb = cpu_kernels.layer_norm_backward(g, xhat, self.weight, rstd)
+            return (gx, gw) if not self.has_bias else (gx, gw, gb)
         if self.needs_input_grad[0] and self.fused:
             gx = cuda_kernels.layer_norm_backward(g, xhat, self.weight, rstd)
         elif self.needs_input_grad[0]:
@@ -500,11 +508,15 @@ class ScaledDotProductAttention(Function):
                               and cuda_kernels.enabled(xp) and dtype == np.float32)
         # on the CPU, causal attention in blocks of queries that skip the keys they may not see
         self.blocks = [(0, query_length, key_length)]  # one block: every query, every key
-        if (mask_is_causal and xp is np and key_length >= query_length and not split_mask
+        causal_cpu = mask_is_causal and xp is np and key_length >= query_length
+        if (causal_cpu and not split_mask
                 and mask.shape[-2:] == (query_length, key_length)):
             self.blocks = causal_blocks(query_length, key_length, CAUSAL_BLOCK_ROWS)
+        # with numba: the causal softmax as compiled loops that apply the mask by index
+        self.compiled_softmax = (causal_cpu and cpu_kernels.enabled(xp)
+                                 and dtype in (np.float32, np.float64))
 
-        def sequences(q, k, v, probs, out, *optional_blocks, shared_mask):
+        def sequences(q, k, v, probs, out, *optional_blocks, shared_mask, first_query):
             # the optional arrays in the order they were passed: keep (with dropout), then the
             # mask (when it has one per sequence; else every block shares ``shared_mask``)
             blocks = list(optional_blocks)
@@ -513,6 +525,9 @@ class ScaledDotProductAttention(Function):
             _matmul_into(q, k.swapaxes(-1, -2), probs)  # (.., Tq, D) @ (.., D, Tk): scores
             if self.fused_softmax:  # mask by index, max, exp, sum and divide, in place
                 cuda_kernels.causal_softmax(probs)
+            elif self.compiled_softmax:  # mask by index, max, shift; exp; sum and divide (query
+                # r of this block sees keys 0 .. first_query + r + Tk - Tq)
+                cpu_kernels.causal_softmax(probs, first_query + key_length - query_length)
             else:
                 if block_mask is not None:
                     probs += block_mask  # additive: 0 = may attend, the float minimum = blocked
@@ -529,7 +544,8 @@ class ScaledDotProductAttention(Function):
             optional = [a[..., rows, keys] for a in (self.keep, mask if split_mask else None)
                         if a is not None]
             shared = None if mask is None or split_mask else mask[..., rows, keys]
-            backend.parallel_batches(functools.partial(sequences, shared_mask=shared),
+            backend.parallel_batches(functools.partial(sequences, shared_mask=shared,
+                                                       first_query=q0),
                                      q[..., rows, :], k[..., keys, :], v[..., keys, :], probs,
                                      out[..., rows, :], *optional, work=probs.size)
             self.probs.append(probs)
@@ -558,6 +574,8 @@ class ScaledDotProductAttention(Function):
                 dscores *= keep[0]
             if self.fused_softmax and cuda_kernels.enabled(xp, dscores, out):
                 cuda_kernels.softmax_backward(dscores, probs, dot_last(g, out))
+            elif cpu_kernels.enabled(xp, dscores, probs):
+                cpu_kernels.softmax_backward(dscores, probs, dot_last(g, out))
             else:
                 dscores -= dot_last(g, out)
                 dscores *= probs

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from . import backend, cuda_kernels
+from . import backend, cpu_kernels, cuda_kernels
 
 
 class Optimizer:
@@ -96,6 +96,10 @@ class AdamW(Optimizer):
             decay = 1 - self.lr * self.weight_decay if self.weight_decay and p.ndim >= 2 else 1.0
             if cuda_kernels.enabled(xp, p.data, g):  # the lines below as one GPU kernel
                 cuda_kernels.adamw_update(p.data, g, m, v, b1, b2, step_size, eps, decay)
+                continue
+            if (cpu_kernels.enabled(xp, p.data, g, m, v)
+                    and p.data.dtype == g.dtype == m.dtype == v.dtype):  # as one compiled loop
+                cpu_kernels.adamw_update(p.data, g, m, v, b1, b2, step_size, eps, decay)
                 continue
             m *= b1
             m += (1 - b1) * g

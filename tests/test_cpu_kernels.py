@@ -1,0 +1,146 @@
+"""Each compiled CPU kernel (cpu_kernels.py, numba) against the array code it replaces.
+
+Skipped where numba is not installed (``pip install "tinygrad-llm[cpu]"``). The array code is
+the reference: ``TINYGRAD_LLM_CPU_KERNELS=0`` runs it.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinygrad_llm import Tensor, cpu_kernels
+from tinygrad_llm import functional as F
+from tinygrad_llm.optim import AdamW
+
+pytest.importorskip("numba")
+
+
+def both_ways(compute):
+    """compute() with the kernels off (the reference) and on."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TINYGRAD_LLM_CPU_KERNELS", "0")
+        reference = compute()
+        patch.setenv("TINYGRAD_LLM_CPU_KERNELS", "1")
+        compiled = compute()
+    return reference, compiled
+
+
+def test_the_switch_and_the_conditions():
+    x = np.ones((2, 3), np.float32)
+    assert cpu_kernels.enabled(np, x)
+    assert not cpu_kernels.enabled(np, x.T)  # not C-contiguous
+    assert not cpu_kernels.enabled(np, x.astype(np.float16))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TINYGRAD_LLM_CPU_KERNELS", "0")
+        assert not cpu_kernels.enabled(np, x)
+
+
+@settings(deadline=None)  # the first call of each dtype compiles the kernel
+@given(rows=st.integers(1, 9), width=st.integers(1, 70), lead=st.integers(1, 3),
+       bias=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]),
+       transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_layer_norm_kernels_match_the_array_code(rows, width, lead, bias, dtype, transposed,
+                                                 seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((lead, rows, width)) * 3 + rng.standard_normal()).astype(dtype)
+    if transposed:  # a non-contiguous input, as a permuted activation would be
+        x = np.ascontiguousarray(x.swapaxes(0, 1)).swapaxes(0, 1)
+    w, b = (rng.standard_normal(width).astype(dtype) for _ in range(2))
+    g = rng.standard_normal(x.shape).astype(dtype)
+
+    def compute():
+        tensors = [Tensor(a, requires_grad=True) for a in ((x, w, b) if bias else (x, w))]
+        y = F.layer_norm(*tensors)
+        y.backward(Tensor(g))
+        return [y.numpy()] + [t.grad for t in tensors]
+
+    tolerance = {np.float32: 2e-4, np.float64: 1e-10}[dtype]
+    for reference, compiled in zip(*both_ways(compute), strict=True):
+        assert compiled.dtype == reference.dtype
+        scale = max(1.0, float(np.abs(reference).max()))
+        np.testing.assert_allclose(compiled, reference, rtol=tolerance, atol=tolerance * scale)
+
+
+def test_layer_norm_kernel_sums_many_rows_in_float64():
+    # dw and db add 100,000 rows. Summed in float64, the error stays near float32's rounding of
+    # each term (1e-7 of the sum of their sizes); a float32 running sum drifts ~100x further.
+    rng = np.random.default_rng(0)
+    x, g = (rng.standard_normal((100_000, 8)).astype(np.float32) + 1 for _ in range(2))
+    w = np.ones(8, np.float32)
+    _, xhat, rstd = cpu_kernels.layer_norm_forward(x, w, None, 1e-5)
+    _, dw, db = cpu_kernels.layer_norm_backward(g, xhat, w, rstd)
+    for got, terms in ((db, g.astype(np.float64)), (dw, g.astype(np.float64) * xhat)):
+        size = np.abs(terms).sum(0)
+        np.testing.assert_array_less(np.abs(got - terms.sum(0)), 1e-7 * size)
+        drift = np.abs(np.cumsum(terms.astype(np.float32), 0, dtype=np.float32)[-1]
+                       - terms.sum(0))
+        assert drift.max() > 10 * np.abs(got - terms.sum(0)).max()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adamw_kernel_matches_the_array_code(dtype):
+    rng = np.random.default_rng(0)
+    start = [rng.standard_normal(shape).astype(dtype) for shape in ((5, 3), (7,), (2, 3, 4))]
+    grads = [[rng.standard_normal(p.shape).astype(dtype) for p in start] for _ in range(4)]
+
+    def compute():
+        params = [Tensor(p.copy(), requires_grad=True) for p in start]
+        optimizer = AdamW(params, lr=0.01, weight_decay=0.1)
+        for step in grads:  # four steps: the moments and bias corrections build up
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.copy()
+            optimizer.step()
+        return [p.data for p in params] + optimizer.m + optimizer.v
+
+    tolerance = {np.float32: 1e-5, np.float64: 1e-12}[dtype]
+    for reference, compiled in zip(*both_ways(compute), strict=True):
+        np.testing.assert_allclose(compiled, reference, rtol=tolerance, atol=tolerance)
+
+
+def test_adamw_kernel_keeps_overflow_visible():
+    # an inf gradient (a float16 step that overflowed) must still reach the weights as non-finite,
+    # as in the array code; the kernels may reorder sums but keep inf and NaN
+    p = Tensor(np.ones(4, np.float32), requires_grad=True)
+    p.grad = np.array([1, np.inf, 1, 1], np.float32)
+    AdamW([p], lr=0.1).step()
+    assert np.isfinite(p.data).tolist() == [True, False, True, True]
+
+
+@settings(deadline=None)
+@given(batch=st.integers(1, 2), heads=st.integers(1, 3), tq=st.integers(1, 9),
+       extra_keys=st.integers(0, 3), dim=st.integers(1, 5), rows=st.sampled_from([2, 3, 64]),
+       dropout=st.sampled_from([0.0, 0.3]), dtype=st.sampled_from([np.float32, np.float64]),
+       seed=st.integers(0, 2**16))
+def test_causal_softmax_kernels_match_the_array_code(batch, heads, tq, extra_keys, dim, rows,
+                                                      dropout, dtype, seed):
+    # with blocks of 2, 3 or 64 queries, and more keys than queries (a KV cache)
+    from tinygrad_llm import backend, fused
+
+    rng = np.random.default_rng(seed)
+    tk = tq + extra_keys
+    q = rng.standard_normal((batch, heads, tq, dim)).astype(dtype) * 2
+    k, v = (rng.standard_normal((batch, heads, tk, dim)).astype(dtype) * 2 for _ in range(2))
+    g = rng.standard_normal(q.shape).astype(dtype)
+
+    def compute():
+        backend.manual_seed(seed)
+        tensors = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+        out = F.scaled_dot_product_attention(*tensors, causal=True, dropout_p=dropout)
+        out.backward(Tensor(g))
+        return [out.numpy()] + [t.grad for t in tensors]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "CAUSAL_BLOCK_ROWS", rows)
+        results = both_ways(compute)
+    tolerance = {np.float32: 1e-5, np.float64: 1e-12}[dtype]
+    for reference, compiled in zip(*results, strict=True):
+        np.testing.assert_allclose(compiled, reference, rtol=tolerance, atol=tolerance)
+
+
+def test_causal_softmax_kernel_zeroes_what_a_query_may_not_see():
+    scores = np.random.default_rng(0).standard_normal((2, 3, 5)).astype(np.float32)
+    expected = np.where(np.arange(5) <= np.arange(3)[:, None] + 1, np.exp(scores), 0)
+    expected /= expected.sum(-1, keepdims=True)
+    cpu_kernels.causal_softmax(scores, 1)  # query r sees keys 0..r + 1
+    np.testing.assert_allclose(scores, expected, rtol=1e-6)

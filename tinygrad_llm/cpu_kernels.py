@@ -1,0 +1,210 @@
+"""Compiled CPU kernels for the row-wise ops NumPy needs many passes for (optional: numba).
+
+NumPy runs every ufunc as its own loop over the whole array, so a formula of six operations reads
+and writes memory six times, and a per-row value (a mean, a 1/std) is broadcast by an inner loop
+per row. A layer norm is four such passes forward and about six backward, plus two BLAS row sums;
+PyTorch does it in one pass per direction. These kernels are the same arithmetic written as the
+loops a C programmer would write -- one row at a time, each row read once or twice while it sits
+in the L1 cache -- and compiled by numba (``pip install "tinygrad-llm[cpu]"``). They are the
+CPU's twins of the GPU kernels in ``cuda_kernels.py``, with the same arguments and results.
+
+The array code in ``fused.py`` and ``optim.py`` stays the reference: it runs wherever numba is
+not installed, and ``tests/test_cpu_kernels.py`` compares every kernel with it. An op calls its
+kernel only when ``enabled(xp, *arrays)``: the arrays are NumPy, float32 or float64 and
+C-contiguous, numba imports, and ``TINYGRAD_LLM_CPU_KERNELS=0`` is not set (it switches them
+off, leaving the array code). Each kernel is compiled on its first call for each dtype (about a
+second) and cached on disk by numba after that. A kernel runs on one thread, whatever
+``--threads`` says.
+
+Which ops have a kernel was decided by measurement (docs/performance.md): layer norm, AdamW, and
+the causal softmax of attention and its backward. GELU has none, and the softmax leaves its
+``exp`` to NumPy: numba calls the C library's scalar ``tanh`` and ``exp``, 40x and 8x slower
+than NumPy's vectorized ones here, which more than undoes the passes saved.
+
+Sums and means accumulate in float64 (the ``0.0`` they start from), which is more exact than
+the float32 of the array code and costs no time here: the loops are bound by memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import numpy as np
+
+# the kernels may reorder sums (to vectorise them) and fuse a multiply with an add; NaN and inf
+# keep their meaning (an overflowing float16 step must still be seen as one)
+_FASTMATH = {"reassoc", "contract"}
+
+
+@functools.cache
+def available() -> bool:
+    """Whether numba can be imported (checked once, without importing it)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def enabled(xp, *arrays) -> bool:
+    """Whether an op on these arrays of module ``xp`` should use its compiled kernel."""
+    if xp is not np or os.environ.get("TINYGRAD_LLM_CPU_KERNELS") == "0" or not available():
+        return False
+    return all(a.dtype in (np.float32, np.float64) and a.flags.c_contiguous for a in arrays)
+
+
+def _compile(function):
+    """numba's ``njit`` of ``function``, made on first use (importing numba takes a while)."""
+    compiled = None
+
+    @functools.wraps(function)
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            import numba
+
+            compiled = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)(function)
+        return compiled(*args)
+
+    return call
+
+
+# ------------------------------------------------------------------------------ layer norm
+@_compile
+def _layer_norm_forward_rows(x, weight, bias, has_bias, eps, y, xhat, rstd):
+    # x, y, xhat (N, C); weight, bias (C,); rstd (N,)
+    rows, width = x.shape
+    for i in range(rows):
+        total = 0.0
+        for j in range(width):
+            total += x[i, j]
+        mean = total / width
+        squares = 0.0
+        for j in range(width):
+            centered = x[i, j] - mean
+            squares += centered * centered
+        r = 1.0 / np.sqrt(squares / width + eps)  # 1 / std of the row
+        rstd[i] = r
+        for j in range(width):
+            normalized = (x[i, j] - mean) * r
+            xhat[i, j] = normalized
+            y[i, j] = normalized * weight[j] + (bias[j] if has_bias else 0.0)
+
+
+def layer_norm_forward(x, weight, bias, eps: float):
+    """(y, xhat, rstd) of a layer norm over the last axis: x (..., C) -> (..., C), (..., 1).
+
+    Equals ``fused._layer_norm_rows``: xhat = (x - mean) / sqrt(var + eps), y = xhat w + b."""
+    width = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, width)
+    y, xhat = np.empty_like(x2), np.empty_like(x2)
+    rstd = np.empty(x2.shape[0], x2.dtype)
+    has_bias = bias is not None
+    _layer_norm_forward_rows(x2, weight, bias if has_bias else weight, has_bias,
+                             x2.dtype.type(eps), y, xhat, rstd)
+    lead = x.shape[:-1]
+    return y.reshape(x.shape), xhat.reshape(x.shape), rstd.reshape(lead + (1,))
+
+
+@_compile
+def _layer_norm_backward_rows(g, xhat, weight, rstd, dx, dweight, dbias):
+    # with gx̂ = g w and means over the C features of a row:
+    #   dx = rstd (gx̂ - mean(gx̂) - x̂ mean(gx̂ x̂));  dw += g x̂ and db += g over the rows
+    rows, width = g.shape
+    for i in range(rows):
+        mean_g = 0.0  # mean(gx̂)
+        mean_gx = 0.0  # mean(gx̂ x̂)
+        for j in range(width):
+            gxhat = g[i, j] * weight[j]
+            mean_g += gxhat
+            mean_gx += gxhat * xhat[i, j]
+            dweight[j] += g[i, j] * xhat[i, j]
+            dbias[j] += g[i, j]
+        mean_g /= width
+        mean_gx /= width
+        for j in range(width):
+            dx[i, j] = rstd[i] * (g[i, j] * weight[j] - mean_g - xhat[i, j] * mean_gx)
+
+
+def layer_norm_backward(g, xhat, weight, rstd):
+    """(dx, dweight, dbias) of a layer norm (..., C) from its saved xhat and rstd, in one pass
+    over the rows; dweight and dbias are summed in float64 and returned in weight's dtype."""
+    width = xhat.shape[-1]
+    g2 = np.ascontiguousarray(g).reshape(-1, width)
+    dx = np.empty_like(g2)
+    dweight, dbias = np.zeros(width, np.float64), np.zeros(width, np.float64)
+    _layer_norm_backward_rows(g2, xhat.reshape(-1, width), weight, rstd.reshape(-1), dx,
+                              dweight, dbias)
+    return dx.reshape(xhat.shape), dweight.astype(weight.dtype), dbias.astype(weight.dtype)
+
+
+# ----------------------------------------------------------------------------------- AdamW
+@_compile
+def _adamw_rows(p, g, m, v, b1, b2, step_size, eps, decay):
+    # p, g, m, v flat; m and v updated in place, then p (the formulas of optim.AdamW.step)
+    for i in range(p.shape[0]):
+        m[i] = b1 * m[i] + (1 - b1) * g[i]
+        v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i]
+        p[i] = p[i] * decay - step_size * m[i] / (np.sqrt(v[i]) + eps)
+
+
+def adamw_update(p, g, m, v, b1, b2, step_size, eps, decay) -> None:
+    """One AdamW update of ``p`` in place, with its moments ``m`` and ``v`` (all of one shape
+    and dtype, C-contiguous); the scalars as ``optim.AdamW.step`` folds them."""
+    scalar = p.dtype.type
+    _adamw_rows(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), scalar(b1),
+                scalar(b2), scalar(step_size), scalar(eps), scalar(decay))
+
+
+# ------------------------------------------------------------------- attention's softmax
+@_compile
+def _causal_shift_rows(scores, diagonal):
+    # scores (M, Tq, Tk): row r sees keys 0..r + diagonal; subtract its maximum over them, and
+    # make the keys it may not see -inf (exp turns them into 0)
+    matrices, queries, keys = scores.shape
+    for b in range(matrices):
+        for r in range(queries):
+            seen = min(keys, r + diagonal + 1)
+            largest = scores[b, r, 0]
+            for j in range(1, seen):
+                largest = max(largest, scores[b, r, j])
+            for j in range(seen):
+                scores[b, r, j] -= largest
+            for j in range(seen, keys):
+                scores[b, r, j] = -np.inf
+
+
+@_compile
+def _normalize_rows(probs):
+    # probs (N, Tk): divide each row by its sum
+    for i in range(probs.shape[0]):
+        total = 0.0
+        for j in range(probs.shape[1]):
+            total += probs[i, j]
+        scale = 1.0 / total
+        for j in range(probs.shape[1]):
+            probs[i, j] *= scale
+
+
+def causal_softmax(scores, diagonal: int) -> None:
+    """In place: scores (..., Tq, Tk), C-contiguous -> the softmax over the last axis, where
+    query r sees keys 0..r + diagonal (zeros beyond; ``diagonal = Tk - Tq`` for a whole causal
+    matrix, bottom-right aligned as ``fused.causal_mask``). Two compiled passes and NumPy's exp
+    between them, where the array code makes six (add the mask, max, subtract, exp, sum,
+    scale)."""
+    queries, keys = scores.shape[-2:]
+    _causal_shift_rows(scores.reshape(-1, queries, keys), diagonal)
+    np.exp(scores, out=scores)
+    _normalize_rows(scores.reshape(-1, keys))
+
+
+@_compile
+def _softmax_backward_rows(dprobs, probs, delta):
+    for i in range(dprobs.shape[0]):
+        for j in range(dprobs.shape[1]):
+            dprobs[i, j] = probs[i, j] * (dprobs[i, j] - delta[i])
+
+
+def softmax_backward(dprobs, probs, delta) -> None:
+    """In place: dprobs (..., Tq, Tk) -> dS = probs * (dprobs - delta), delta (..., Tq, 1): one
+    pass for the array code's two."""
+    keys = dprobs.shape[-1]
+    _softmax_backward_rows(dprobs.reshape(-1, keys), probs.reshape(-1, keys), delta.reshape(-1))
