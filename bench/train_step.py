@@ -22,11 +22,13 @@ The model flags are spelled as in ``tinygrad-llm pretrain``; the older spellings
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import time
 
 import numpy as np
 
-from tinygrad_llm import backend
+from tinygrad_llm import backend, cpu_kernels
 from tinygrad_llm import functional as F
 from tinygrad_llm.models.gpt import GPT, GPTConfig
 from tinygrad_llm.optim import AdamW, LossScaler, clip_grad_norm
@@ -86,15 +88,17 @@ def time_steps(steps, data, warmup, sync=lambda: None) -> list:
     shorter than a round, one untimed step (the first after a pause finds cold caches). The
     order of the functions alternates from round to round. Returns, per function, the mean
     step time of each of its rounds; all functions get the same number of rounds."""
-    longest = 0.0
-    for step in steps:
+    slowest = 0.0  # the slowest engine's step (the fastest of its warm-up steps: the first ones
+    for step in steps:  # compile, allocate and fill caches)
+        fastest = math.inf
         for x, y in data[:warmup]:
             start = time.perf_counter()
             step(x, y)
             sync()
-            longest = max(longest, time.perf_counter() - start)
+            fastest = min(fastest, time.perf_counter() - start)
+        slowest = max(slowest, fastest)
     timed = data[warmup:]
-    per_round = max(1, min(len(timed), round(ROUND_SECONDS / max(longest, 1e-9))))
+    per_round = max(1, min(len(timed), round(ROUND_SECONDS / max(slowest, 1e-9))))
     rounds = [timed[i:i + per_round] for i in range(0, len(timed), per_round)]
     seconds = [[] for _ in steps]
     for r, batch in enumerate(rounds):
@@ -273,6 +277,17 @@ def blas_kernel() -> str:
                      for i in infos) or "unknown"
 
 
+def cpu_kernels_state() -> str:
+    """Whether the numba kernels of cpu_kernels.py run (layer norm, AdamW, causal softmax)."""
+    if os.environ.get("TINYGRAD_LLM_CPU_KERNELS") == "0":
+        return "off (TINYGRAD_LLM_CPU_KERNELS=0)"
+    if not cpu_kernels.available():
+        return 'off (pip install "tinygrad-llm[cpu]" for numba)'
+    from importlib.metadata import version
+
+    return f"numba {version('numba')}"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     tuned = backend.tune_cpu_allocator()  # reuse freed buffers warm, as `tinygrad-llm` does
@@ -287,7 +302,8 @@ def main(argv=None) -> None:
           f"{args.context_length}, batch {args.batch_size}, vocab {args.vocab_size} "
           f"(~{params / 1e6:.2f}M params), device {args.device}, {args.dtype}"
           f"{' (PyTorch: bfloat16 autocast)' * (args.dtype == 'float16')}{', TF32' * args.tf32}")
-    print(f"numpy {np.__version__}, BLAS: {blas_kernel()}, CPU allocator tuned: {tuned}; "
+    print(f"numpy {np.__version__}, BLAS: {blas_kernel()}, CPU allocator tuned: {tuned}, "
+          f"compiled CPU kernels: {cpu_kernels_state()}; "
           + (f"threads: {args.threads} (the library splits products and elementwise work over "
              "them; BLAS on one thread per call)" if args.threads else
              "threads: NumPy's elementwise on one, BLAS on its own"))

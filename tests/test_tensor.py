@@ -36,6 +36,36 @@ def test_leaf_gradients_never_alias_each_other(device):
     np.testing.assert_array_equal(backend.to_numpy(b.grad), np.ones(3))
 
 
+def test_slices_of_one_tensor_and_its_other_uses_add_up(device):
+    # q, k, v = x[0], x[1], x[2] hand back SliceGrads that are summed into one array; mixed
+    # here with an overlapping slice, a whole-tensor use and an Add that hands one array to two
+    # inputs, each checked against the gradient worked out by hand
+    rng = np.random.default_rng(0)
+    data, w = rng.standard_normal((3, 2, 4)), rng.standard_normal((2, 4))
+    x = Tensor(data, requires_grad=True, device=device)
+    weight = Tensor(w, device=device)
+    q, k, v = x[0], x[1], x[2]
+    total = (q * weight).sum() + (k * k).sum() + (v + v).sum() + (x[1:, :, 1:] * 3.0).sum()
+    total = total + (x * x).sum() * 0.5
+    total.backward()
+    expected = np.zeros_like(data)
+    expected[0] += w
+    expected[1] += 2 * data[1]
+    expected[2] += 2
+    expected[1:, :, 1:] += 3
+    expected += data
+    np.testing.assert_allclose(backend.to_numpy(x.grad), expected, rtol=1e-12)
+
+
+def test_a_leaf_filled_from_slices_owns_its_gradient(device):
+    x = Tensor(np.ones((2, 3)), requires_grad=True, device=device)
+    y = Tensor(np.ones((2, 3)), requires_grad=True, device=device)
+    (x[0] + y[0]).sum().backward()  # Add hands one array to both slices' backwards
+    x.grad *= 10
+    np.testing.assert_array_equal(backend.to_numpy(y.grad), [[1, 1, 1], [0, 0, 0]])
+    np.testing.assert_array_equal(backend.to_numpy(x.grad), [[10, 10, 10], [0, 0, 0]])
+
+
 def test_no_grad_records_nothing(device):
     x = Tensor(np.ones(3), requires_grad=True, device=device)
     with no_grad():

@@ -16,10 +16,10 @@ off, leaving the array code). Each kernel is compiled on its first call for each
 second) and cached on disk by numba after that. A kernel runs on one thread, whatever
 ``--threads`` says.
 
-Which ops have a kernel was decided by measurement (docs/performance.md): layer norm, AdamW, and
-the causal softmax of attention and its backward. GELU has none, and the softmax leaves its
-``exp`` to NumPy: numba calls the C library's scalar ``tanh`` and ``exp``, 40x and 8x slower
-than NumPy's vectorized ones here, which more than undoes the passes saved.
+Which ops have a kernel was decided by measurement (docs/performance.md): layer norm, AdamW,
+GELU, and the causal softmax of attention and its backward. GELU's ``tanh`` and the softmax's
+``exp`` stay NumPy's, between two compiled passes: numba calls the C library's scalar ``tanh``
+and ``exp``, 40x and 8x slower than NumPy's vectorized ones here.
 
 Sums and means accumulate in float64 (the ``0.0`` they start from), which is more exact than
 the float32 of the array code and costs no time here: the loops are bound by memory.
@@ -208,3 +208,42 @@ def softmax_backward(dprobs, probs, delta) -> None:
     pass for the array code's two."""
     keys = dprobs.shape[-1]
     _softmax_backward_rows(dprobs.reshape(-1, keys), probs.reshape(-1, keys), delta.reshape(-1))
+
+
+# ------------------------------------------------------------------------------------ GELU
+@_compile
+def _gelu_argument(x, u, c, a):
+    # u = c (x + a x^3), the argument of tanh (flat arrays)
+    for i in range(x.shape[0]):
+        u[i] = c * x[i] * (1 + a * x[i] * x[i])
+
+
+@_compile
+def _gelu_output(x, t, y):
+    # y = x/2 (1 + t), t = tanh(u)
+    for i in range(x.shape[0]):
+        y[i] = 0.5 * x[i] * (1 + t[i])
+
+
+def gelu_forward_rows(x, t, y, *, c, a) -> None:
+    """GELU of a block, as ``functional._gelu_forward_rows``: t = tanh(c (x + a x^3)) and
+    y = x/2 (1 + t), written into t and y. Three passes (NumPy's tanh in the middle), for eight."""
+    flat_t = t.reshape(-1)
+    _gelu_argument(x.reshape(-1), flat_t, x.dtype.type(c), x.dtype.type(a))
+    np.tanh(flat_t, out=flat_t)
+    _gelu_output(x.reshape(-1), flat_t, y.reshape(-1))
+
+
+@_compile
+def _gelu_backward_flat(x, t, g, dx, c, a):
+    # dx = g dy/dx,  dy/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2)
+    for i in range(x.shape[0]):
+        slope = 0.5 * (1 + t[i]) + 0.5 * x[i] * (1 - t[i] * t[i]) * c * (1 + 3 * a * x[i] * x[i])
+        dx[i] = g[i] * slope
+
+
+def gelu_backward_rows(x, t, g, dx, *, c, a) -> None:
+    """dx of a block from x, the saved t = tanh(u) and g, as ``functional._gelu_backward_rows``:
+    one pass, for eleven."""
+    _gelu_backward_flat(x.reshape(-1), t.reshape(-1), g.reshape(-1), dx.reshape(-1),
+                        x.dtype.type(c), x.dtype.type(a))

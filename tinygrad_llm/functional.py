@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import math
 import threading
 
 import numpy as np
 
-from . import backend, cuda_kernels
-from .tensor import Function, Tensor, array_on, unbroadcast
+from . import backend, cpu_kernels, cuda_kernels
+from .tensor import Function, SliceGrad, Tensor, array_on, unbroadcast
 
 get_xp = backend.get_array_module
 
@@ -229,7 +230,10 @@ class GELU(Function):
             return cuda_kernels.gelu_forward(x)
         x = xp.ascontiguousarray(x)
         t, y = xp.empty_like(x), xp.empty_like(x)
-        backend.parallel_rows(_gelu_forward_rows, x, t, y, cache_blocks=True)  # rows, all cores
+        rows = _gelu_forward_rows
+        if cpu_kernels.enabled(xp, x):  # with numba: the same in three passes
+            rows = functools.partial(cpu_kernels.gelu_forward_rows, c=GELU_C, a=GELU_A)
+        backend.parallel_rows(rows, x, t, y, cache_blocks=True)  # blocks of rows, all cores
         self.x, self.t = x, t
         return y
 
@@ -239,8 +243,11 @@ class GELU(Function):
         x, t = self.x, self.t
         xp = get_xp(x)
         dx = xp.empty_like(x)
-        backend.parallel_rows(_gelu_backward_rows, x, t, xp.ascontiguousarray(g), dx,
-                              cache_blocks=True)
+        g = xp.ascontiguousarray(g)
+        rows = _gelu_backward_rows
+        if cpu_kernels.enabled(xp, x, t, g):  # with numba: the same in one pass
+            rows = functools.partial(cpu_kernels.gelu_backward_rows, c=GELU_C, a=GELU_A)
+        backend.parallel_rows(rows, x, t, g, dx, cache_blocks=True)
         return dx
 
 
@@ -570,12 +577,10 @@ class GetItem(Function):
 
     def backward(self, g):
         # route g back to the positions that were read; repeated positions add up
-        xp = get_xp(g)
-        grad = xp.zeros(self.shape, dtype=self.dtype)
-        if _is_advanced(self.index):
-            backend.scatter_add(grad, self.index, g)
-        else:
-            grad[self.index] = g  # basic slicing reads each position at most once
+        if not _is_advanced(self.index):  # basic slicing reads each position at most once:
+            return SliceGrad(self.shape, self.dtype, self.index, g)  # zeros, g at x[index]
+        grad = get_xp(g).zeros(self.shape, dtype=self.dtype)
+        backend.scatter_add(grad, self.index, g)
         return grad
 
 

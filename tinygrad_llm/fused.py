@@ -455,11 +455,11 @@ def _dropout_keep(shape, p: float, dtype, device: str):
 
 # Causal attention on the CPU skips the keys its queries may not see. The queries go in blocks of
 # CAUSAL_BLOCK_ROWS, and block [q0, q1) meets only keys [0, k1), k1 - 1 being the last key its
-# last query sees. With n blocks that is (n + 1) / 2n of the T x T scores (5/8 at n = 4): of
-# their two products, their softmax passes and the memory P is kept in. Blocks of 64 rows
-# measured fastest on a 2-core Intel Xeon (docs/performance.md); shorter ones lose to the
-# Python and BLAS overhead per block.
-CAUSAL_BLOCK_ROWS = 64
+# last query sees. With n blocks that is (n + 1) / 2n of the T x T scores (3/4 at n = 2, 9/16 at
+# n = 8): of their two products, their softmax passes and the memory P is kept in. In a whole
+# training step at context 256 on a 2-core Intel Xeon, blocks of 128 were fastest, then 64, then
+# 32 (docs/performance.md): smaller blocks make smaller, less efficient products.
+CAUSAL_BLOCK_ROWS = 128
 
 
 def causal_blocks(query_length: int, key_length: int, rows: int) -> list:

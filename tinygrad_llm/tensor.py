@@ -63,6 +63,46 @@ def unbroadcast(grad, shape: tuple):
     return grad.sum(axis=tuple(range(extra)) + stretched).reshape(shape)
 
 
+class SliceGrad:
+    """A gradient that is zero except at ``x[index]`` (a basic index: ints and slices), where it
+    is ``values``: what ``x[index]`` hands back to ``x`` (``F.getitem``'s backward).
+
+    The backward walk keeps it in this form until a second gradient of ``x`` arrives or ``x``'s
+    turn comes. So the slices ``q, k, v = qkv[0], qkv[1], qkv[2]`` of one array fill one zeroed
+    array, slice by slice, instead of three full arrays summed in two more passes.
+    """
+
+    def __init__(self, shape: tuple, dtype, index, values):
+        self.shape, self.dtype, self.index, self.values = shape, dtype, index, values
+
+    def dense(self):
+        grad = backend.get_array_module(self.values).zeros(self.shape, dtype=self.dtype)
+        grad[self.index] = self.values
+        return grad
+
+
+def _add_gradients(total, new, owned: set):
+    """total + new, two gradients of one tensor (arrays or ``SliceGrad``s). Adds in place into an
+    array this walk made (its id in ``owned``), never into one a backward returned: a backward may
+    hand the same array to several inputs."""
+    if isinstance(total, SliceGrad) and not isinstance(new, SliceGrad):
+        total, new = new, total  # the full array first
+    if isinstance(total, SliceGrad):
+        total = total.dense()
+    elif id(total) not in owned:
+        if not isinstance(new, SliceGrad):
+            total = total + new
+            owned.add(id(total))
+            return total
+        total = total.copy()
+    owned.add(id(total))
+    if isinstance(new, SliceGrad):
+        total[new.index] += new.values
+    else:
+        total += new
+    return total
+
+
 class Function:
     """One differentiable operation.
 
@@ -241,14 +281,19 @@ class Tensor:
                 raise ValueError(f"grad has shape {grad.shape}, expected {self.shape}")
 
         grads = {id(self): grad}  # gradient of each node seen so far, summed over its uses
+        owned = set()  # ids of the arrays in `grads` that this walk made (free to add into)
         for node in reversed(self._topological_order()):  # every consumer before its inputs
             grad = grads.pop(id(node), None)
             if grad is None:
                 continue
+            ours = isinstance(grad, SliceGrad) or id(grad) in owned
+            owned.discard(id(grad))
+            if isinstance(grad, SliceGrad):
+                grad = grad.dense()
             if node._ctx is None:  # a leaf: accumulate into .grad
                 grad = grad.astype(node.dtype, copy=False)
-                if node.grad is None:
-                    node.grad = grad.copy()  # own it: `grad` may alias another tensor's gradient
+                if node.grad is None:  # own it: a backward's `grad` may alias another's
+                    node.grad = grad if ours else grad.copy()
                 else:
                     node.grad += grad
                 continue
@@ -259,11 +304,17 @@ class Tensor:
             for tensor, input_grad in zip(ctx.inputs, input_grads, strict=True):
                 if input_grad is None or not tensor.requires_grad:
                     continue
-                input_grad = unbroadcast(input_grad, tensor.shape)
-                if input_grad.dtype != tensor.dtype:  # a gradient has its tensor's dtype (a
-                    input_grad = input_grad.astype(tensor.dtype)  # float32 sum meeting float16)
+                if isinstance(input_grad, SliceGrad) and input_grad.dtype != tensor.dtype:
+                    input_grad = input_grad.dense()
+                if not isinstance(input_grad, SliceGrad):
+                    input_grad = unbroadcast(input_grad, tensor.shape)
+                    if input_grad.dtype != tensor.dtype:  # a gradient has its tensor's dtype
+                        input_grad = input_grad.astype(tensor.dtype)  # (float32 meets float16)
                 key = id(tensor)
-                grads[key] = grads[key] + input_grad if key in grads else input_grad
+                if key in grads:
+                    grads[key] = _add_gradients(grads[key], input_grad, owned)
+                else:
+                    grads[key] = input_grad
             if not retain_graph:
                 node._ctx = _FREED  # drop saved activations now, not when the loss dies
 
