@@ -5,15 +5,15 @@ r"""Time whole training steps (forward, backward, clipping, AdamW) on random tok
         --batch-size 8
 
 Prints ``tokens_per_s=<float>``; with PyTorch installed, also the same model and step in PyTorch
-eager (``torch_tokens_per_s=``) and ``ratio=`` (ours / PyTorch). Both use float32 and the same
-number of threads, in one process, and they take turns: rounds of about half a second of steps,
-ours then PyTorch's, then PyTorch's then ours, ... (``time_steps``). On a machine shared with
-other tenants the speed drifts by 10-20% within a minute; taking turns, both engines meet the same
-drift. Each tokens/s figure is from the median round; ``ratio`` is the median over the rounds of
-PyTorch's step time over ours, printed with the middle half of the rounds' ratios (their spread
-is the noise of that run). The BLAS kernel NumPy picked is printed too: an
-environment that forces an older one (OPENBLAS_CORETYPE) changes our figure a lot and PyTorch's
-not at all.
+eager (``torch_tokens_per_s=``) and ``ratio=`` (our tokens/s over PyTorch's: PyTorch's step time
+over ours). Both use float32 and the same number of threads, in one process, and they take turns:
+rounds of about half a second of steps, ours then PyTorch's, then PyTorch's then ours, ...
+(``time_steps``). On a machine shared with other tenants the speed drifts by 10-20% within a
+minute; taking turns, both engines meet the same drift. Each tokens/s figure is from the median
+round; ``ratio`` is the median over the rounds of PyTorch's step time over ours, printed with the
+middle half of the rounds' ratios (their spread is the noise of that run). The BLAS kernel NumPy
+picked is printed too: an environment that forces an older one (OPENBLAS_CORETYPE) changes our
+figure a lot and PyTorch's not at all.
 
 The model flags are spelled as in ``tinygrad-llm pretrain``; the older spellings (``--n_layer``,
 ``--block``, ``--batch``, ``--vocab`` ...) still work.
@@ -278,7 +278,7 @@ def blas_kernel() -> str:
 
 
 def cpu_kernels_state() -> str:
-    """Whether the numba kernels of cpu_kernels.py run (layer norm, AdamW, causal softmax)."""
+    """Whether the numba kernels of cpu_kernels.py run (layer norm, GELU, softmax, AdamW)."""
     if os.environ.get("TINYGRAD_LLM_CPU_KERNELS") == "0":
         return "off (TINYGRAD_LLM_CPU_KERNELS=0)"
     if not cpu_kernels.available():

@@ -425,6 +425,7 @@ def test_causal_blocks_cover_exactly_the_keys_each_query_sees(device, tk):
     tq, seen = 5, []
     for q0, q1, k1 in fused.causal_blocks(tq, tk, 2):
         assert q1 - q0 <= 2
+        assert k1 == q1 + tk - tq  # no more keys than its last query sees
         seen += [(i, k1) for i in range(q0, q1)]
     # query i sees keys 0 .. i + tk - tq: its block's keys reach its own last key, and the
     # block's last query needs all of them

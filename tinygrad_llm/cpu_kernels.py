@@ -2,24 +2,25 @@
 
 NumPy runs every ufunc as its own loop over the whole array, so a formula of six operations reads
 and writes memory six times, and a per-row value (a mean, a 1/std) is broadcast by an inner loop
-per row. A layer norm is four such passes forward and about six backward, plus two BLAS row sums;
-PyTorch does it in one pass per direction. These kernels are the same arithmetic written as the
-loops a C programmer would write -- one row at a time, each row read once or twice while it sits
-in the L1 cache -- and compiled by numba (``pip install "tinygrad-llm[cpu]"``). They are the
-CPU's twins of the GPU kernels in ``cuda_kernels.py``, with the same arguments and results.
+per row. Layer norm's forward is four such passes and two BLAS row sums, its backward six passes
+and three row sums; PyTorch does each in one pass. These kernels are the same arithmetic written
+as the loops a C programmer would write -- one row at a time, each row read once or twice while
+it sits in the L1 cache -- and compiled by numba (``pip install "tinygrad-llm[cpu]"``). They
+compute the same formulas as the GPU kernels in ``cuda_kernels.py``.
 
-The array code in ``fused.py`` and ``optim.py`` stays the reference: it runs wherever numba is
-not installed, and ``tests/test_cpu_kernels.py`` compares every kernel with it. An op calls its
-kernel only when ``enabled(xp, *arrays)``: the arrays are NumPy, float32 or float64 and
-C-contiguous, numba imports, and ``TINYGRAD_LLM_CPU_KERNELS=0`` is not set (it switches them
-off, leaving the array code). Each kernel is compiled on its first call for each dtype (about a
-second) and cached on disk by numba after that. A kernel runs on one thread, whatever
-``--threads`` says.
+The array code in ``fused.py``, ``functional.py`` and ``optim.py`` stays the reference: it runs
+wherever numba is not installed (or does not import), and ``tests/test_cpu_kernels.py`` compares
+every kernel with it. An op calls its kernel only when ``enabled(xp, *arrays)``: the arrays are
+NumPy, float32 or float64 and C-contiguous, numba imports, and ``TINYGRAD_LLM_CPU_KERNELS=0`` is
+not set (it switches them off, leaving the array code). Each kernel is compiled on its first call
+for each dtype (about a second) and cached on disk by numba after that. Each call runs on one
+thread: GELU and the softmax are called per block of rows or sequences from the library's threads
+(``--threads``), layer norm and AdamW once per array.
 
 Which ops have a kernel was decided by measurement (docs/performance.md): layer norm, AdamW,
-GELU, and the causal softmax of attention and its backward. GELU's ``tanh`` and the softmax's
-``exp`` stay NumPy's, between two compiled passes: numba calls the C library's scalar ``tanh``
-and ``exp``, 40x and 8x slower than NumPy's vectorized ones here.
+GELU, and attention's causal softmax and the softmax's backward. GELU's ``tanh`` and the
+softmax's ``exp`` stay NumPy's, between compiled passes: numba calls the C library's scalar
+``tanh`` and ``exp``, 40x and 8x slower than NumPy's vectorized ones here.
 
 Sums and means accumulate in float64 (the ``0.0`` they start from), which is more exact than
 the float32 of the array code and costs no time here: the loops are bound by memory.
@@ -30,6 +31,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import threading
+import warnings
 
 import numpy as np
 
@@ -40,8 +43,17 @@ _FASTMATH = {"reassoc", "contract"}
 
 @functools.cache
 def available() -> bool:
-    """Whether numba can be imported (checked once, without importing it)."""
-    return importlib.util.find_spec("numba") is not None
+    """Whether numba is installed and imports (tried once; a numba built for another NumPy
+    fails here, with a warning, and the array code runs instead)."""
+    if importlib.util.find_spec("numba") is None:
+        return False
+    try:
+        import numba  # noqa: F401
+    except Exception as error:  # noqa: BLE001 -- any failure: fall back, say why
+        warnings.warn(f"numba is installed but does not import ({error}); tinygrad_llm runs its "
+                      "NumPy code instead of the compiled CPU kernels", stacklevel=2)
+        return False
+    return True
 
 
 def enabled(xp, *arrays) -> bool:
@@ -49,6 +61,9 @@ def enabled(xp, *arrays) -> bool:
     if xp is not np or os.environ.get("TINYGRAD_LLM_CPU_KERNELS") == "0" or not available():
         return False
     return all(a.dtype in (np.float32, np.float64) and a.flags.c_contiguous for a in arrays)
+
+
+_COMPILING = threading.Lock()  # two threads' first calls compile a kernel once
 
 
 def _compile(function):
@@ -59,9 +74,11 @@ def _compile(function):
     def call(*args):
         nonlocal compiled
         if compiled is None:
-            import numba
+            with _COMPILING:
+                if compiled is None:
+                    import numba
 
-            compiled = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)(function)
+                    compiled = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)(function)
         return compiled(*args)
 
     return call

@@ -509,7 +509,7 @@ class ScaledDotProductAttention(Function):
         # on the CPU, causal attention in blocks of queries that skip the keys they may not see
         self.blocks = [(0, query_length, key_length)]  # one block: every query, every key
         causal_cpu = mask_is_causal and xp is np and key_length >= query_length
-        if (causal_cpu and not split_mask
+        if (causal_cpu and mask is not None and not split_mask
                 and mask.shape[-2:] == (query_length, key_length)):
             self.blocks = causal_blocks(query_length, key_length, CAUSAL_BLOCK_ROWS)
         # with numba: the causal softmax as compiled loops that apply the mask by index
@@ -574,7 +574,7 @@ class ScaledDotProductAttention(Function):
                 dscores *= keep[0]
             if self.fused_softmax and cuda_kernels.enabled(xp, dscores, out):
                 cuda_kernels.softmax_backward(dscores, probs, dot_last(g, out))
-            elif cpu_kernels.enabled(xp, dscores, probs):
+            elif cpu_kernels.enabled(xp, dscores, probs):  # any mask: one pass for two
                 cpu_kernels.softmax_backward(dscores, probs, dot_last(g, out))
             else:
                 dscores -= dot_last(g, out)
