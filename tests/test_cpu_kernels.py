@@ -168,3 +168,25 @@ def test_gelu_kernels_match_the_array_code(shape, dtype):
     exact = compute(x.astype(np.float64), g.astype(np.float64))
     for a, b, truth in zip(reference, compiled, exact, strict=True):
         assert np.abs(b - truth).max() <= 1.5 * np.abs(a - truth).max() + 1e-7
+
+
+def test_a_numba_that_does_not_import_falls_back_with_a_warning(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name == "numba":
+            raise ImportError("numba built for another NumPy")  # as a mismatched install does
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    cpu_kernels.available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="does not import.*NumPy code"):
+            assert not cpu_kernels.available()
+        assert not cpu_kernels.enabled(np, np.ones(3, np.float32))
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.available.cache_clear()
+    assert cpu_kernels.available()
