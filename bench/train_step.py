@@ -81,38 +81,39 @@ SETTLE_SECONDS = 0.3
 ROUND_SECONDS = 0.5
 
 
-def time_steps(steps, data, warmup, sync=lambda: None) -> list:
-    """Seconds per step of each function in ``steps`` (functions of (x, y)), the functions taking
-    turns over ``data`` after ``warmup`` untimed steps each. A turn is a round of consecutive
+def time_steps(runs, warmup, sync=lambda: None) -> list:
+    """Seconds per step of each engine in ``runs``, a list of (step, batches): ``step(x, y)``
+    over its own copy of the same batches (NumPy arrays for ours, tensors for PyTorch). The
+    engines take turns after ``warmup`` untimed steps each. A turn is a round of consecutive
     steps lasting about ROUND_SECONDS, after a pause of SETTLE_SECONDS and, when a step is
     shorter than a round, one untimed step (the first after a pause finds cold caches). The
-    order of the functions alternates from round to round. Returns, per function, the mean
-    step time of each of its rounds; all functions get the same number of rounds."""
+    order of the engines alternates from round to round. Returns, per engine, the mean step
+    time of each of its rounds; all engines get the same number of rounds."""
     slowest = 0.0  # the slowest engine's step (the fastest of its warm-up steps: the first ones
-    for step in steps:  # compile, allocate and fill caches)
+    for step, batches in runs:  # compile, allocate and fill caches)
         fastest = math.inf
-        for x, y in data[:warmup]:
+        for x, y in batches[:warmup]:
             start = time.perf_counter()
             step(x, y)
             sync()
             fastest = min(fastest, time.perf_counter() - start)
         slowest = max(slowest, fastest)
-    timed = data[warmup:]
+    timed = range(warmup, len(runs[0][1]))  # indices of the timed batches
     per_round = max(1, min(len(timed), round(ROUND_SECONDS / max(slowest, 1e-9))))
     rounds = [timed[i:i + per_round] for i in range(0, len(timed), per_round)]
-    seconds = [[] for _ in steps]
-    for r, batch in enumerate(rounds):
-        order = list(enumerate(steps))
-        for k, step in order if r % 2 == 0 else order[::-1]:
+    seconds = [[] for _ in runs]
+    for r, indices in enumerate(rounds):
+        order = list(enumerate(runs))
+        for k, (step, batches) in order if r % 2 == 0 else order[::-1]:
             time.sleep(SETTLE_SECONDS)
             if per_round > 1:
-                step(*batch[0])
+                step(*batches[indices[0]])
                 sync()
             start = time.perf_counter()
-            for x, y in batch:
-                step(x, y)
+            for i in indices:
+                step(*batches[i])
             sync()
-            seconds[k].append((time.perf_counter() - start) / len(batch))
+            seconds[k].append((time.perf_counter() - start) / len(indices))
     return seconds
 
 
@@ -308,19 +309,23 @@ def main(argv=None) -> None:
              "them; BLAS on one thread per call)" if args.threads else
              "threads: NumPy's elementwise on one, BLAS on its own"))
     ours_step, ours_sync = make_ours(args)
-    steps, syncs = [ours_step], [ours_sync]
+    runs, syncs = [(ours_step, data)], [ours_sync]
     torch = None
     if not args.no_torch:
         try:
             import torch
         except ImportError:
             print("(PyTorch not installed: no comparison)")
-    if torch is not None:  # one step function over our data, the other over the same as tensors
+    if torch is not None:  # the same batches, as tensors on PyTorch's device
         torch_step, torch_sync, torch_data = make_torch(args, data)
-        by_id = {id(x): pair for (x, _), pair in zip(data, torch_data, strict=True)}
-        steps.append(lambda x, y: torch_step(*by_id[id(x)]))
+        runs.append((torch_step, torch_data))
         syncs.append(torch_sync)
-    seconds = time_steps(steps, data, args.warmup, lambda: [sync() for sync in syncs])
+
+    def sync_all():
+        for sync in syncs:
+            sync()
+
+    seconds = time_steps(runs, args.warmup, sync_all)
     median = [float(np.median(s)) for s in seconds]
     print(f"tokens_per_s={tokens / median[0]:.1f}")
     if torch is not None:

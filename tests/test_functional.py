@@ -366,13 +366,21 @@ def attention_reference(q, k, v, causal, mask=None):
     return softmax_reference(scores, -1) @ v
 
 
-@given(data=st.data(), causal=st.booleans(), masked=st.booleans())
-def test_scaled_dot_product_attention(device, data, causal, masked):
+def attention_inputs(data, max_keys):
+    """q (B, H, Tq, D), k and v (B, H, Tk, D) with Tq <= Tk <= max_keys: fewer queries than keys
+    is decoding with a KV cache."""
     batch, heads, dim = (data.draw(st.integers(1, 2)) for _ in range(3))
-    tk = data.draw(st.integers(1, 4))
-    tq = data.draw(st.integers(1, tk))  # fewer queries than keys: decoding with a KV cache
+    tk = data.draw(st.integers(1, max_keys))
+    tq = data.draw(st.integers(1, tk))
     q = data.draw(arrays((batch, heads, tq, dim)))
     k, v = data.draw(arrays((batch, heads, tk, dim))), data.draw(arrays((batch, heads, tk, dim)))
+    return q, k, v
+
+
+@given(data=st.data(), causal=st.booleans(), masked=st.booleans())
+def test_scaled_dot_product_attention(device, data, causal, masked):
+    q, k, v = attention_inputs(data, max_keys=4)
+    tq, tk = q.shape[-2], k.shape[-2]
     mask = data.draw(hnp.arrays(bool, (tq, tk))) if masked else None
     if mask is not None:
         mask[:, 0] = True  # every query sees at least the first key
@@ -398,11 +406,8 @@ def test_causal_attention_in_blocks_of_queries(device, data, rows, cached_mask):
     # blocks of 1-3 queries, each multiplied only by the keys it may see (the CPU path)
     from tinygrad_llm import fused
 
-    batch, heads, dim = (data.draw(st.integers(1, 2)) for _ in range(3))
-    tk = data.draw(st.integers(1, 7))
-    tq = data.draw(st.integers(1, tk))  # fewer queries than keys: decoding with a KV cache
-    q = data.draw(arrays((batch, heads, tq, dim)))
-    k, v = data.draw(arrays((batch, heads, tk, dim))), data.draw(arrays((batch, heads, tk, dim)))
+    q, k, v = attention_inputs(data, max_keys=7)
+    tq, tk = q.shape[-2], k.shape[-2]
     xp = backend.array_module(device)
 
     def fn(q_, k_, v_):

@@ -304,9 +304,7 @@ class Tensor:
             for tensor, input_grad in zip(ctx.inputs, input_grads, strict=True):
                 if input_grad is None or not tensor.requires_grad:
                     continue
-                if isinstance(input_grad, SliceGrad) and input_grad.dtype != tensor.dtype:
-                    input_grad = input_grad.dense()
-                if not isinstance(input_grad, SliceGrad):
+                if not isinstance(input_grad, SliceGrad):  # (a SliceGrad has x's shape and dtype)
                     input_grad = unbroadcast(input_grad, tensor.shape)
                     if input_grad.dtype != tensor.dtype:  # a gradient has its tensor's dtype
                         input_grad = input_grad.astype(tensor.dtype)  # (float32 meets float16)
