@@ -459,6 +459,36 @@ def test_attention_dropout_in_blocks_equals_one_block(device):
                                    rtol=1e-12, atol=1e-12)
 
 
+def test_attention_large_enough_for_batched_blas_equals_the_plain_products(device, monkeypatch):
+    # (1, 2, 256, 64) as views of one qkv array, as the GPT passes them: on NumPy's OpenBLAS the
+    # products of the blocks go through blas.matmul_into's batched call; the same op with one
+    # block and np.matmul (checked against finite differences above) is the reference
+    from tinygrad_llm import blas, fused
+
+    calls, real = [], blas._batched_gemm
+
+    def counting(dtype_char):  # counts the batched calls, and makes them
+        function = real(dtype_char)
+        return None if function is None else lambda *args: calls.append(function(*args))
+    monkeypatch.setattr(blas, "_batched_gemm", counting)
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((1, 256, 3, 2, 64)).transpose(2, 0, 3, 1, 4)
+    g = rng.standard_normal((1, 2, 256, 64))
+    results = []
+    for batched, rows in ((True, 128), (False, 1000)):
+        monkeypatch.setenv("TINYGRAD_LLM_BATCHED_BLAS", "1" if batched else "0")
+        monkeypatch.setattr(fused, "CAUSAL_BLOCK_ROWS", rows)
+        source = Tensor(qkv, device=device, requires_grad=True)
+        out = F.scaled_dot_product_attention(source[0], source[1], source[2], causal=True)
+        out.backward(Tensor(g, device=device))
+        results.append((out.numpy(), backend.to_numpy(source.grad)))
+    if device == "cpu" and blas.available():  # 2 products forward, 4 backward, per block
+        assert len(calls) == 12
+    np.testing.assert_allclose(results[0][0], attention_reference(*qkv, True), rtol=1e-10)
+    for batched, plain in zip(*results, strict=True):
+        np.testing.assert_allclose(batched, plain, rtol=1e-10, atol=1e-12)
+
+
 def test_fully_masked_rows_give_finite_output(device):
     q = Tensor(np.ones((1, 1, 2, 2)), device=device)
     mask = backend.array_module(device).zeros((2, 2), dtype=bool)

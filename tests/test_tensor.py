@@ -57,6 +57,30 @@ def test_slices_of_one_tensor_and_its_other_uses_add_up(device):
     np.testing.assert_allclose(backend.to_numpy(x.grad), expected, rtol=1e-12)
 
 
+def test_slices_of_a_permuted_view_hand_back_a_gradient_laid_out_as_its_source(device):
+    # a GPT's qkv (B, T, 3C) -> (B, T, 3, H, D) -> permute -> q, k, v: the gradient reaching the
+    # (B, T, 3, H, D) reshape must be C-contiguous there, so reshaping it back is a view
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((2, 5, 12))
+    x = Tensor(data, requires_grad=True, device=device)
+    parts = x.reshape(2, 5, 3, 2, 2).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+    weights = [rng.standard_normal((2, 2, 5, 2)) for _ in range(3)]
+    total = sum((parts[i] * Tensor(w, device=device)).sum() for i, w in enumerate(weights))
+    seen = []
+    reshape_backward = F.Reshape.backward
+
+    def watching(self, g):
+        seen.append(g.flags.c_contiguous)
+        return reshape_backward(self, g)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F.Reshape, "backward", watching)
+        total.backward()
+    expected = np.stack(weights).transpose(1, 3, 0, 2, 4).reshape(2, 5, 12)
+    np.testing.assert_allclose(backend.to_numpy(x.grad), expected, rtol=1e-12)
+    assert seen == [True]
+
+
 def test_a_leaf_filled_from_slices_owns_its_gradient(device):
     x = Tensor(np.ones((2, 3)), requires_grad=True, device=device)
     y = Tensor(np.ones((2, 3)), requires_grad=True, device=device)

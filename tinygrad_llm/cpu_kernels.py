@@ -78,7 +78,8 @@ def _compile(function):
                 if compiled is None:
                     import numba
 
-                    compiled = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)(function)
+                    compiled = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH,
+                                          error_model="numpy")(function)
         return compiled(*args)
 
     return call
@@ -155,12 +156,17 @@ def layer_norm_backward(g, xhat, weight, rstd):
 
 # ----------------------------------------------------------------------------------- AdamW
 @_compile
-def _adamw_rows(p, g, m, v, b1, b2, step_size, eps, decay):
-    # p, g, m, v flat; m and v updated in place, then p (the formulas of optim.AdamW.step)
+def _adamw_rows(p, g, m, v, b1, c1, b2, c2, step_size, eps, decay):
+    # p, g, m, v flat; m and v updated in place, then p (the formulas of optim.AdamW.step,
+    # with c1 = 1 - b1 and c2 = 1 - b2); every scalar is of the arrays' dtype, so a float32
+    # update stays in float32 and runs 16 floats per AVX-512 instruction
     for i in range(p.shape[0]):
-        m[i] = b1 * m[i] + (1 - b1) * g[i]
-        v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i]
-        p[i] = p[i] * decay - step_size * m[i] / (np.sqrt(v[i]) + eps)
+        gradient = g[i]
+        m_i = b1 * m[i] + c1 * gradient
+        v_i = b2 * v[i] + c2 * gradient * gradient
+        m[i] = m_i
+        v[i] = v_i
+        p[i] = p[i] * decay - step_size * m_i / (np.sqrt(v_i) + eps)
 
 
 def adamw_update(p, g, m, v, b1, b2, step_size, eps, decay) -> None:
@@ -168,7 +174,8 @@ def adamw_update(p, g, m, v, b1, b2, step_size, eps, decay) -> None:
     and dtype, C-contiguous); the scalars as ``optim.AdamW.step`` folds them."""
     scalar = p.dtype.type
     _adamw_rows(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), scalar(b1),
-                scalar(b2), scalar(step_size), scalar(eps), scalar(decay))
+                scalar(1 - b1), scalar(b2), scalar(1 - b2), scalar(step_size), scalar(eps),
+                scalar(decay))
 
 
 # ------------------------------------------------------------------- attention's softmax

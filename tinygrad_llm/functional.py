@@ -25,7 +25,7 @@ import threading
 import numpy as np
 
 from . import backend, cpu_kernels, cuda_kernels
-from .tensor import Function, SliceGrad, Tensor, array_on, unbroadcast
+from .tensor import Function, SliceGrad, Tensor, array_on, memory_order, unbroadcast
 
 get_xp = backend.get_array_module
 
@@ -573,12 +573,13 @@ def _is_advanced(index) -> bool:
 class GetItem(Function):
     def forward(self, x, index):
         self.shape, self.dtype, self.index = x.shape, x.dtype, index
+        self.order = memory_order(x)  # the gradient is laid out as x is (see SliceGrad)
         return x[index]
 
     def backward(self, g):
         # route g back to the positions that were read; repeated positions add up
         if not _is_advanced(self.index):  # basic slicing reads each position at most once:
-            return SliceGrad(self.shape, self.dtype, self.index, g)  # zeros, g at x[index]
+            return SliceGrad(self.shape, self.dtype, self.index, g, self.order)  # 0, g at x[index]
         grad = get_xp(g).zeros(self.shape, dtype=self.dtype)
         backend.scatter_add(grad, self.index, g)
         return grad

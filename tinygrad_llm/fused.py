@@ -30,7 +30,7 @@ import threading
 
 import numpy as np
 
-from . import backend, cpu_kernels, cuda_kernels
+from . import backend, blas, cpu_kernels, cuda_kernels
 from .tensor import Function, Tensor, array_on
 
 get_xp = backend.get_array_module
@@ -90,9 +90,7 @@ def dot_last(a, b):
     xp = get_xp(a)
     if xp is not np:
         return (a * b).sum(axis=-1, keepdims=True)
-    c = a.shape[-1]
-    dots = xp.einsum("ij,ij->i", a.reshape(-1, c), b.reshape(-1, c))
-    return dots.reshape(a.shape[:-1] + (1,))
+    return xp.einsum("...i,...i->...", a, b)[..., None]  # strided views as they are
 
 
 # ====================================================================== integer inputs
@@ -496,7 +494,13 @@ class ScaledDotProductAttention(Function):
         # where the mask's minimum exists, as PyTorch's autocast runs softmax in float32
         dtype = q.dtype if mask is None else np.promote_types(q.dtype, mask.dtype)
         (query_length, key_length), batch = (q.shape[-2], k.shape[-2]), q.shape[:-2]
-        out = xp.empty(q.shape[:-1] + (v.shape[-1],), np.promote_types(dtype, v.dtype))
+        out_dtype = np.promote_types(dtype, v.dtype)
+        if xp is np and q.ndim == 4:  # (B, H, Tq, D) laid out as (B, Tq, H, D): the model's
+            # transpose(1, 2).reshape(B, Tq, H D) that follows is then a view, not a copy
+            out = np.empty((q.shape[0], query_length, q.shape[1], v.shape[-1]),
+                           out_dtype).transpose(0, 2, 1, 3)
+        else:
+            out = xp.empty(q.shape[:-1] + (v.shape[-1],), out_dtype)
         self.keep = None  # dropout on the attention weights (GPT-2's attn_pdrop), drawn at once
         if dropout_p > 0:
             self.keep = _dropout_keep(batch + (query_length, key_length), dropout_p, dtype,
@@ -564,12 +568,14 @@ class ScaledDotProductAttention(Function):
             return cuda_kernels.flash_attention_backward(q, k, v, self.out, self.lse, g,
                                                          self.scale)
         dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
-        g = xp.ascontiguousarray(g)
+        if xp is not np:  # NumPy's BLAS reads g as it is (from (B, Tq, H D) in a GPT: strided)
+            g = xp.ascontiguousarray(g)
 
         def sequences(q, k, v, probs, out, g, dq, dk, dv, *keep, add):
             dropped = probs * keep[0] if keep else probs
             _matmul_transposed_into(dropped, g, dv, add)  # (.., Tk, Tq) @ (.., Tq, D)
-            dscores = g @ v.swapaxes(-1, -2)  # (.., Tq, Tk)
+            dscores = xp.empty(probs.shape, np.result_type(g.dtype, v.dtype))
+            _matmul_into(g, v.swapaxes(-1, -2), dscores)  # (.., Tq, D) @ (.., D, Tk)
             if keep:
                 dscores *= keep[0]
             if self.fused_softmax and cuda_kernels.enabled(xp, dscores, out):
@@ -594,10 +600,17 @@ class ScaledDotProductAttention(Function):
         return dq, dk, dv
 
 
-def _matmul_into(a, b, out) -> None:
-    """out[...] = a @ b: straight into ``out`` when the dtypes agree; through a temporary when
-    mixed precision mixes float16 and float32 (CuPy's ``out=`` wants the product's own dtype)."""
-    if out.dtype == np.result_type(a.dtype, b.dtype):
+def _matmul_into(a, b, out, add: bool = False) -> None:
+    """out[...] = a @ b, or out += a @ b with ``add``, for stacks of matrices (.., M, K) @
+    (.., K, N). On NumPy, one batched OpenBLAS call that gives each thread whole matrices
+    (``blas.matmul_into``); otherwise straight into ``out`` when the dtypes agree, and through
+    a temporary when mixed precision mixes float16 and float32 (CuPy's ``out=`` wants the
+    product's own dtype)."""
+    if get_xp(a) is np:
+        blas.matmul_into(a, b, out, add)
+    elif add:
+        out += a @ b
+    elif out.dtype == np.result_type(a.dtype, b.dtype):
         get_xp(a).matmul(a, b, out=out)
     else:
         out[...] = a @ b
@@ -612,10 +625,8 @@ def _matmul_transposed_into(a, b, out, add: bool = False) -> None:
     batched (8, 12, 1024, 1024) operand took 1.11 ms against 0.30 ms untransposed (an H100), as
     if that 400 MB operand were copied first (inferred from the timing, not traced), so on a GPU
     this computes (b^T a)^T, whose transpose is of the small (.., D, Tk) result."""
-    if add:
-        out += a.swapaxes(-1, -2) @ b
-    elif get_xp(a) is np:
-        _matmul_into(a.swapaxes(-1, -2), b, out)
+    if add or get_xp(a) is np:
+        _matmul_into(a.swapaxes(-1, -2), b, out, add)
     else:
         out[...] = (b.swapaxes(-1, -2) @ a).swapaxes(-1, -2)
 

@@ -70,15 +70,27 @@ class SliceGrad:
     The backward walk keeps it in this form until a second gradient of ``x`` arrives or ``x``'s
     turn comes. So the slices ``q, k, v = qkv[0], qkv[1], qkv[2]`` of one array fill one zeroed
     array, slice by slice, instead of three full arrays summed in two more passes.
+    ``order``: x's axes in the order they lie in memory (``memory_order(x)``); the dense
+    gradient is laid out the same way, so that it reaches the array x was viewed from (e.g.
+    qkv before its permute) contiguous, and a reshape there needs no copy.
     """
 
-    def __init__(self, shape: tuple, dtype, index, values):
+    def __init__(self, shape: tuple, dtype, index, values, order=None):
         self.shape, self.dtype, self.index, self.values = shape, dtype, index, values
+        self.order = tuple(range(len(shape))) if order is None else tuple(order)
 
     def dense(self):
-        grad = backend.get_array_module(self.values).zeros(self.shape, dtype=self.dtype)
+        xp = backend.get_array_module(self.values)
+        in_memory = xp.zeros(tuple(self.shape[axis] for axis in self.order), dtype=self.dtype)
+        grad = in_memory.transpose(tuple(np.argsort(self.order)))  # axes back in x's order
         grad[self.index] = self.values
         return grad
+
+
+def memory_order(x) -> tuple:
+    """x's axes from the largest stride to the smallest: the order its elements lie in memory
+    ((0, 1, ..) for a C-contiguous array; ties keep their order)."""
+    return tuple(sorted(range(x.ndim), key=lambda axis: -abs(x.strides[axis])))
 
 
 def _add_gradients(total, new, owned: set):

@@ -1,0 +1,89 @@
+"""blas.matmul_into: OpenBLAS's batched product against np.matmul, on stacks large enough for it."""
+
+import numpy as np
+import pytest
+
+from tinygrad_llm import blas
+
+needs_batched = pytest.mark.skipif(not blas.available(), reason="NumPy's BLAS has no batched "
+                                   "product we call (not NumPy's OpenBLAS wheel on x86-64)")
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the batched OpenBLAS calls matmul_into makes (and still makes them)."""
+    calls = []
+    real = blas._batched_gemm
+
+    def counting(dtype_char):
+        function = real(dtype_char)
+        if function is None:
+            return None
+
+        def call(*args):
+            calls.append(dtype_char)
+            return function(*args)
+        return call
+    monkeypatch.setattr(blas, "_batched_gemm", counting)
+    return calls
+
+
+def stack(rng, shape, dtype, transposed=False):
+    """A random stack of matrices; ``transposed``: a transposed view (columns contiguous)."""
+    if transposed:
+        return rng.standard_normal(shape[:-2] + shape[-2:][::-1]).astype(dtype).swapaxes(-1, -2)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+@needs_batched
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("add", [False, True])
+def test_the_batched_product_equals_numpys(counted, dtype, transpose_a, transpose_b, add):
+    rng = np.random.default_rng(0)
+    a = stack(rng, (2, 3, 130, 70), dtype, transpose_a)  # 130 x 70 x 120 > SMALL_MATRIX_LIMIT
+    b = stack(rng, (2, 3, 70, 120), dtype, transpose_b)
+    out = rng.standard_normal((2, 3, 130, 120)).astype(dtype)
+    expected = out + a @ b if add else a @ b
+    blas.matmul_into(a, b, out, add=add)
+    np.testing.assert_allclose(out, expected, rtol=1e-4 if dtype == np.float32 else 1e-12,
+                               atol=1e-4 if dtype == np.float32 else 1e-12)
+    assert len(counted) == 1
+
+
+@needs_batched
+def test_strided_stacks_as_attention_has_them(counted):
+    # k and v are views of one (B, T, 3, H, D) array; the output is (B, H, T, D) laid out as
+    # (B, T, H, D): no stride of the leading axes is a multiple of a matrix's size
+    rng = np.random.default_rng(1)
+    qkv = rng.standard_normal((2, 160, 3, 3, 64)).astype(np.float32).transpose(2, 0, 3, 1, 4)
+    q, k = np.ascontiguousarray(qkv[0]), qkv[1]
+    scores = np.empty((2, 3, 160, 160), np.float32)
+    blas.matmul_into(q, k.swapaxes(-1, -2), scores)  # (.., T, D) @ (.., D, T)
+    np.testing.assert_allclose(scores, q @ k.swapaxes(-1, -2), rtol=1e-4, atol=1e-4)
+    out = np.empty((2, 160, 3, 64), np.float32).transpose(0, 2, 1, 3)
+    blas.matmul_into(scores, qkv[2], out)  # (.., T, T) @ (.., T, D) into a strided output
+    np.testing.assert_allclose(out, scores @ qkv[2], rtol=1e-3, atol=1e-3)
+    assert len(counted) == 2
+
+
+def test_what_it_cannot_batch_goes_to_numpy(counted, monkeypatch):
+    rng = np.random.default_rng(2)
+    small = stack(rng, (4, 8, 8), np.float32)  # under SMALL_MATRIX_LIMIT: OpenBLAS's crash
+    out = np.empty((4, 8, 8), np.float32)
+    blas.matmul_into(small, small, out)
+    np.testing.assert_allclose(out, small @ small, rtol=1e-6)
+    half = stack(rng, (2, 128, 96), np.float16)  # float16 operands, a float32 product
+    wide = np.empty((2, 128, 128), np.float32)
+    blas.matmul_into(half, half.swapaxes(-1, -2).astype(np.float32), wide)
+    np.testing.assert_allclose(wide, half.astype(np.float32) @ half.swapaxes(-1, -2), rtol=1e-3)
+    a, b = stack(rng, (2, 128, 96), np.float32), stack(rng, (1, 96, 128), np.float32)
+    broadcast = np.empty((2, 128, 128), np.float32)  # leading shapes differ: np.matmul broadcasts
+    blas.matmul_into(a, b, broadcast)
+    np.testing.assert_allclose(broadcast, a @ b, rtol=1e-4)
+    monkeypatch.setenv("TINYGRAD_LLM_BATCHED_BLAS", "0")
+    big = stack(rng, (2, 128, 96), np.float32)
+    blas.matmul_into(big, big.swapaxes(-1, -2), broadcast)
+    np.testing.assert_allclose(broadcast, big @ big.swapaxes(-1, -2), rtol=1e-4)
+    assert counted == []
