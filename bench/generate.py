@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from train_step import blas_kernel  # bench/ is the script's own folder, first on sys.path
+
 from tinygrad_llm import backend
 from tinygrad_llm.generate import generate
 from tinygrad_llm.models.gpt import GPT, preset
@@ -84,6 +86,7 @@ def main(argv=None) -> None:
     prompt = GPT2Tokenizer().encode(args.prompt)
     print(f"{args.preset}: {model.num_params():,} parameters, prompt {len(prompt)} tokens, "
           f"{args.tokens} new tokens, greedy, device {args.device}")
+    print(f"BLAS: {blas_kernel()}")
     generate(model, [prompt], 3, temperature=0)  # warm up
 
     rates, outputs = {}, {}

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from tinygrad_llm import backend, cpu_kernels
+from tinygrad_llm import backend, blas, cpu_kernels
 from tinygrad_llm import functional as F
 from tinygrad_llm.models.gpt import GPT, GPTConfig
 from tinygrad_llm.optim import AdamW, LossScaler, clip_grad_norm
@@ -268,14 +268,15 @@ def make_torch(args, data):
 
 
 def blas_kernel() -> str:
-    """Which BLAS and kernel NumPy runs (via threadpoolctl when installed)."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return "unknown (pip install threadpoolctl to see it)"
+    """Which BLAS libraries are loaded, their kernel or version and threads (threadpoolctl), and
+    which one multiplies: MKL when installed (tinygrad_llm.blas), else NumPy's."""
+    from threadpoolctl import threadpool_info
+
+    on_mkl = blas.mkl() is not None  # loads it when installed, as the first product would
     infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    return ", ".join(f"{i['internal_api']} {i.get('architecture', '?')} x{i['num_threads']}"
-                     for i in infos) or "unknown"
+    loaded = ", ".join(f"{i['internal_api']} {i.get('architecture') or i.get('version')} "
+                       f"x{i['num_threads']}" for i in infos) or "unknown"
+    return loaded + ("; products on mkl (TINYGRAD_LLM_MKL=0: on NumPy's)" if on_mkl else "")
 
 
 def cpu_kernels_state() -> str:

@@ -18,6 +18,9 @@ if os.environ.get("TINYGRAD_LLM_FAKE_CUDA") == "1":
     import fakecupy
 
     fakecupy.install()
+    # and the CPU's products on NumPy's own BLAS even where MKL is installed: the first run
+    # tests the MKL road (tinygrad_llm/blas.py), this one NumPy's
+    os.environ.setdefault("TINYGRAD_LLM_MKL", "0")
 
 from tinygrad_llm.backend import cuda_available  # noqa: E402  (after the stand-in, if any)
 

@@ -16,14 +16,14 @@ def counted(monkeypatch):
     real = blas._batched_gemm
 
     def counting(dtype_char):
-        function = real(dtype_char)
-        if function is None:
+        batched = real(dtype_char)
+        if batched is None:
             return None
 
         def call(*args):
             calls.append(dtype_char)
-            return function(*args)
-        return call
+            return batched.function(*args)
+        return batched._replace(function=call)
     monkeypatch.setattr(blas, "_batched_gemm", counting)
     return calls
 
@@ -70,10 +70,6 @@ def test_strided_stacks_as_attention_has_them(counted):
 
 def test_what_it_cannot_batch_goes_to_numpy(counted, monkeypatch):
     rng = np.random.default_rng(2)
-    small = stack(rng, (4, 8, 8), np.float32)  # under SMALL_MATRIX_LIMIT: OpenBLAS's crash
-    out = np.empty((4, 8, 8), np.float32)
-    blas.matmul_into(small, small, out)
-    np.testing.assert_allclose(out, small @ small, rtol=1e-6)
     half = stack(rng, (2, 128, 96), np.float16)  # float16 operands, a float32 product
     wide = np.empty((2, 128, 128), np.float32)
     blas.matmul_into(half, half.swapaxes(-1, -2).astype(np.float32), wide)
@@ -87,3 +83,41 @@ def test_what_it_cannot_batch_goes_to_numpy(counted, monkeypatch):
     blas.matmul_into(big, big.swapaxes(-1, -2), broadcast)
     np.testing.assert_allclose(broadcast, big @ big.swapaxes(-1, -2), rtol=1e-4)
     assert counted == []
+
+
+def test_small_matrices_stay_away_from_the_batched_call(counted):
+    # M N K <= 100^3: OpenBLAS 0.3.31's batched call crashes there
+    rng = np.random.default_rng(3)
+    small = stack(rng, (4, 8, 8), np.float32)
+    out = np.empty((4, 8, 8), np.float32)
+    blas.matmul_into(small, small, out)
+    np.testing.assert_allclose(out, small @ small, rtol=1e-6)
+    assert counted == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("add", [False, True])
+def test_gemm_equals_numpys(dtype, transpose_a, transpose_b, add):
+    # with MKL installed through cblas_?gemm (x W, g W^T and x^T g of a linear layer), without
+    # it through np.matmul
+    rng = np.random.default_rng(4)
+    a, b = stack(rng, (70, 50), dtype, transpose_a), stack(rng, (50, 30), dtype, transpose_b)
+    out = rng.standard_normal((70, 30)).astype(dtype)
+    expected = out + a @ b if add else a @ b
+    assert blas.gemm(a, b, out, add=add) is out
+    np.testing.assert_allclose(out, expected, rtol=1e-4 if dtype == np.float32 else 1e-12,
+                               atol=1e-4 if dtype == np.float32 else 1e-12)
+
+
+def test_gemm_of_what_blas_cannot_take():
+    rng = np.random.default_rng(5)
+    half = stack(rng, (6, 5), np.float16)
+    out = np.empty((6, 6), np.float32)  # float16 operands, a float32 product
+    blas.gemm(half, half.T, out)
+    np.testing.assert_allclose(out, half.astype(np.float32) @ half.T.astype(np.float32), rtol=1e-2)
+    a = stack(rng, (6, 5), np.float32)
+    stepped = np.empty((6, 12), np.float32)[:, ::2]  # columns two apart: no BLAS layout
+    blas.gemm(a, a.T, stepped)
+    np.testing.assert_allclose(stepped, a @ a.T, rtol=1e-5)

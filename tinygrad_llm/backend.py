@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 
+from . import blas
+
 DEFAULT_DTYPE = np.float32  # every float tensor is float32 unless asked otherwise
 
 _cupy = None  # the cupy module, once a CUDA device has been asked for
@@ -229,6 +231,7 @@ def set_num_threads(threads: int | None = None) -> int:
         raise ValueError(f"threads must be >= 1, got {threads}")
     from threadpoolctl import threadpool_limits  # finds whichever BLAS NumPy loaded
 
+    blas.mkl()  # loads MKL first when it is installed, so that the limit reaches it too
     threadpool_limits(1, user_api="blas")  # the library splits the products itself
     if _pool is not None:
         _pool.shutdown()
@@ -298,8 +301,11 @@ def matmul(a, b, out=None):
     xp = get_array_module(a)
     if out is None:
         out = xp.empty((a.shape[0], b.shape[1]), np.result_type(a.dtype, b.dtype))
-    parallel_batches(lambda rows, into: xp.matmul(rows, b, out=into), a, out,
-                     work=a.shape[0] * b.shape[1] * max(1, a.shape[1] // 16))
+
+    def rows_times_b(rows, into):  # on NumPy through blas.gemm: MKL when it is installed
+        return blas.gemm(rows, b, into) if xp is np else xp.matmul(rows, b, out=into)
+
+    parallel_batches(rows_times_b, a, out, work=a.shape[0] * b.shape[1] * max(1, a.shape[1] // 16))
     return out
 
 

@@ -1,23 +1,35 @@
-"""NumPy's OpenBLAS, called directly for the one thing NumPy does not offer: a batched product.
+"""The BLAS the matrix products run on: NumPy's own, called directly where NumPy cannot, or MKL.
 
-Attention multiplies a stack of small matrices, one per sequence and head: ``(B, H, T, D) @
-(B, H, D, T)``. ``np.matmul`` hands them to BLAS one at a time, and OpenBLAS splits each small
-product over its threads, where they spend as long handing work over as multiplying. OpenBLAS
-(0.3.29 and later, which NumPy's wheels ship) also has ``cblas_?gemm_batch``: one call that takes
-the whole stack and gives each of its threads whole matrices. On a 2-core Intel Xeon that made
-``q @ k^T`` at (48, 128, 64) x (48, 64, 256) 1.8x faster (docs/performance.md).
+Two things here, both measured on a 2-core Intel Xeon (docs/performance.md):
 
-``matmul_into(a, b, out)`` is ``out[...] = a @ b`` through that call when it can be made (NumPy's
-own OpenBLAS, float32 or float64, strides BLAS can read) and ``np.matmul`` otherwise, with the
-same result up to rounding. ``TINYGRAD_LLM_BATCHED_BLAS=0`` always takes ``np.matmul``.
+1. **A batched product.** Attention multiplies a stack of small matrices, one per sequence and
+   head: ``(B, H, T, D) @ (B, H, D, T)``. ``np.matmul`` hands them to BLAS one at a time, and
+   OpenBLAS splits each small product over its threads, where they spend as long handing work
+   over as multiplying. OpenBLAS (NumPy's wheels ship 0.3.31) also has ``cblas_?gemm_batch``:
+   one call that takes the whole stack and gives each thread whole matrices. That made ``q @
+   k^T`` at (48, 128, 64) x (48, 64, 256) 1.8x faster.
+2. **Intel's MKL, when installed** (``pip install "tinygrad-llm[mkl]"``, 300 MB of Intel's
+   libraries under the Intel Simplified Software License). PyTorch's CPU build multiplies with
+   MKL; at the shapes of a 6 x 384 GPT, MKL's products took 94 ms per layer where NumPy's
+   OpenBLAS took 113. With MKL present, every product of the library (``gemm``, and the
+   batches of ``matmul_into``) goes to it, and NumPy's OpenBLAS is put on one thread: two pools
+   of threads that spin after each product, on the same two cores, made a training step twice
+   as slow. ``TINYGRAD_LLM_MKL=0`` leaves MKL alone.
+
+``gemm(a, b, out)`` and ``matmul_into(a, b, out)`` equal ``np.matmul`` up to rounding; whatever
+they cannot hand to BLAS (float16, strides BLAS cannot read, overlapping arrays, another BLAS)
+goes to ``np.matmul``. ``TINYGRAD_LLM_BATCHED_BLAS=0`` sends every stack to ``np.matmul``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import glob
 import os
 import platform
+import sys
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,40 +38,76 @@ ROW_MAJOR, NO_TRANSPOSE, TRANSPOSE = 101, 111, 112  # the CBLAS enums
 # several CPUs such as NumPy's (OpenMathLib/OpenBLAS pull request #5980, merged August 2026).
 # Small means M N K <= 100^3, where its AVX-512 kernels take their small-matrix path
 # (kernel/x86_64/?gemm_small_kernel_permit_skylakex.c), the only small-matrix kernels it has on
-# x86-64. So the batched call is made only on x86-64 and only above that size: the products
-# of attention at context 256 and longer are (128 x 64 x 128 and up); smaller ones are cheap
-# enough for np.matmul anyway.
+# x86-64. So the batched call is made only on x86-64 and only above that size, with MKL too
+# (smaller stacks, such as decoding's (1 x 64) @ (64 x T), gained nothing from it): the products
+# of attention at context 256 and longer are (128 x 64 x 128 and up).
 SMALL_MATRIX_LIMIT = 100**3
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@functools.cache
+def mkl():
+    """MKL's runtime library (``libmkl_rt``, loaded and set up), or None when it is not installed
+    in this environment, ``TINYGRAD_LLM_MKL=0``, or not on x86-64 Linux."""
+    if os.environ.get("TINYGRAD_LLM_MKL", "1") == "0" or not (_X86 and sys.platform == "linux"):
+        return None
+    paths = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+    try:
+        library = ctypes.CDLL(paths[-1])
+        library.MKL_Set_Interface_Layer(0)  # LP64: 32-bit integers, as the argtypes below
+    except (IndexError, OSError, AttributeError):
+        return None
+    for dtype_char in "sd":
+        gemm_function = getattr(library, f"cblas_{dtype_char}gemm")
+        scalar = ctypes.c_float if dtype_char == "s" else ctypes.c_double
+        integer, pointer = ctypes.c_int, ctypes.c_void_p
+        # (order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+        gemm_function.argtypes = ([integer] * 6 + [scalar, pointer, integer, pointer, integer,
+                                                   scalar, pointer, integer])
+        gemm_function.restype = None
+    from threadpoolctl import ThreadpoolController
+
+    for openblas in ThreadpoolController().select(internal_api="openblas").lib_controllers:
+        openblas.set_num_threads(1)  # one pool of threads that spin after a product, not two
+    return library
+
+
+class _Batched(NamedTuple):
+    function: object  # cblas_?gemm_batch
+    integer: type  # the library's integer: np.int32 (MKL, LP64) or np.int64 (NumPy's OpenBLAS)
 
 
 @functools.cache
 def _batched_gemm(dtype_char: str):
-    """OpenBLAS's ``cblas_?gemm_batch`` for 's' (float32) or 'd' (float64), or None.
+    """``cblas_?gemm_batch`` for 's' (float32) or 'd' (float64): MKL's when it is installed,
+    else OpenBLAS's from NumPy's wheels (scipy-openblas, 64-bit integers: the ``64_`` in the
+    name tells the integer width for certain); None for any other BLAS or an older OpenBLAS."""
+    if mkl() is not None:
+        function, integer = getattr(mkl(), f"cblas_{dtype_char}gemm_batch"), np.int32
+    else:
+        try:
+            from threadpoolctl import threadpool_info
 
-    Only the build NumPy's wheels bundle (scipy-openblas, 64-bit integers: the ``64_`` in the
-    name) is used, where the name tells the integer width for certain."""
-    try:
-        from threadpoolctl import threadpool_info
-
-        libraries = [info for info in threadpool_info() if info["internal_api"] == "openblas"
-                     and info.get("prefix") == "libscipy_openblas"]
-        function = getattr(ctypes.CDLL(libraries[0]["filepath"]),
-                           f"scipy_cblas_{dtype_char}gemm_batch64_")
-    except (ImportError, IndexError, OSError, AttributeError):  # another BLAS, or an older one
-        return None
-    pointer = ctypes.c_void_p
+            libraries = [info for info in threadpool_info() if info["internal_api"] == "openblas"
+                         and info.get("prefix") == "libscipy_openblas"]
+            function = getattr(ctypes.CDLL(libraries[0]["filepath"]),
+                               f"scipy_cblas_{dtype_char}gemm_batch64_")
+        except (ImportError, IndexError, OSError, AttributeError):
+            return None
+        integer = np.int64
+    pointer, count = ctypes.c_void_p, ctypes.c_int if integer is np.int32 else ctypes.c_int64
     # (order, *trans_a, *trans_b, *m, *n, *k, *alpha, **a, *lda, **b, *ldb, *beta, **c, *ldc,
     #  group_count, *group_size): every argument but the order and the group count is an array
     # with one entry per group of products that share their sizes; we pass one group
-    function.argtypes = [ctypes.c_int] + [pointer] * 13 + [ctypes.c_int64, pointer]
+    function.argtypes = [ctypes.c_int] + [pointer] * 13 + [count, pointer]
     function.restype = None
-    return function
+    return _Batched(function, integer)
 
 
 def available(dtype=np.float32) -> bool:
-    """Whether ``matmul_into`` can use OpenBLAS's batched product for ``dtype``."""
-    return (os.environ.get("TINYGRAD_LLM_BATCHED_BLAS", "1") != "0"
-            and platform.machine().lower() in ("x86_64", "amd64")
+    """Whether ``matmul_into`` can make a batched call for ``dtype`` (x86-64 only: see
+    SMALL_MATRIX_LIMIT)."""
+    return (os.environ.get("TINYGRAD_LLM_BATCHED_BLAS", "1") != "0" and _X86
             and np.dtype(dtype) in (np.float32, np.float64)
             and _batched_gemm(np.dtype(dtype).char.replace("f", "s")) is not None)
 
@@ -75,6 +123,39 @@ def _layout(x: np.ndarray):
     return None
 
 
+def _blas_can_take(a, b, out) -> bool:
+    """Whether BLAS can compute out = a @ b as they are: one float dtype, readable strides, the
+    output's rows contiguous, aligned, and no overlap between the output and an operand."""
+    return (a.dtype == b.dtype == out.dtype and a.dtype in (np.float32, np.float64)
+            and _layout(a) is not None and _layout(b) is not None
+            and (_layout(out) or (None,))[0] == NO_TRANSPOSE
+            and a.flags.aligned and b.flags.aligned and out.flags.aligned
+            and not np.may_share_memory(out, a) and not np.may_share_memory(out, b))
+
+
+def _numpy_matmul(a, b, out, add: bool) -> None:
+    if add:
+        out += a @ b
+    elif out.dtype == np.result_type(a.dtype, b.dtype):
+        np.matmul(a, b, out=out)
+    else:  # mixed precision: float16 operands, a float32 product (or the reverse)
+        out[...] = a @ b
+
+
+def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False) -> np.ndarray:
+    """out[...] = a @ b (with ``add``: out += a @ b) for matrices a (M, K), b (K, N), out (M, N):
+    MKL's ``cblas_?gemm`` when MKL is installed, ``np.matmul`` otherwise. Returns ``out``."""
+    library = mkl()
+    if library is None or 0 in a.shape + b.shape or not _blas_can_take(a, b, out):
+        _numpy_matmul(a, b, out, add)
+        return out
+    (trans_a, lda), (trans_b, ldb), (_, ldc) = _layout(a), _layout(b), _layout(out)
+    function = library.cblas_sgemm if out.dtype == np.float32 else library.cblas_dgemm
+    function(ROW_MAJOR, trans_a, trans_b, a.shape[0], b.shape[1], a.shape[1], 1.0,
+             a.ctypes.data, lda, b.ctypes.data, ldb, 1.0 if add else 0.0, out.ctypes.data, ldc)
+    return out
+
+
 def _addresses(x: np.ndarray) -> np.ndarray:
     """The address of each matrix of the stack x (..., rows, cols), leading axes in C order."""
     offsets = np.zeros((), np.int64)
@@ -85,30 +166,22 @@ def _addresses(x: np.ndarray) -> np.ndarray:
 
 def matmul_into(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False) -> None:
     """out[...] = a @ b (with ``add``: out += a @ b) for stacks a (..., M, K), b (..., K, N),
-    out (..., M, N) of NumPy arrays with the same leading shape; ``out`` must not overlap them.
-    One batched OpenBLAS call when it can; ``np.matmul`` otherwise."""
+    out (..., M, N) of NumPy arrays with the same leading shape. One batched BLAS call when it
+    can; ``np.matmul`` otherwise."""
     stack, (m, k), n = out.shape[:-2], a.shape[-2:], b.shape[-1]
-    layouts = (_layout(a), _layout(b), _layout(out))
-    if (a.ndim < 3 or not a.shape[:-2] == b.shape[:-2] == stack or m * n * k <= SMALL_MATRIX_LIMIT
-            or not a.dtype == b.dtype == out.dtype or not available(out.dtype)
-            or None in layouts or layouts[2][0] != NO_TRANSPOSE
-            or not (a.flags.aligned and b.flags.aligned and out.flags.aligned)
-            or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
-        if add:
-            out += a @ b
-        elif out.dtype == np.result_type(a.dtype, b.dtype):
-            np.matmul(a, b, out=out)
-        else:  # mixed precision: float16 operands, a float32 product (or the reverse)
-            out[...] = a @ b
+    batched = available(out.dtype) and _batched_gemm(out.dtype.char.replace("f", "s"))
+    if (not batched or a.ndim < 3 or not a.shape[:-2] == b.shape[:-2] == stack
+            or m * n * k <= SMALL_MATRIX_LIMIT or 0 in a.shape + b.shape
+            or not _blas_can_take(a, b, out)):
+        _numpy_matmul(a, b, out, add)
         return
-    (trans_a, lda), (trans_b, ldb), (_, ldc) = layouts
+    (trans_a, lda), (trans_b, ldb), (_, ldc) = _layout(a), _layout(b), _layout(out)
 
-    def one(value, dtype=np.int64):  # a one-entry array: the group's value of an argument
+    def one(value, dtype=batched.integer):  # a one-entry array: the group's value
         return np.array([value], dtype)
 
     arguments = [one(trans_a, np.int32), one(trans_b, np.int32), one(m), one(n), one(k),
                  one(1, out.dtype), _addresses(a), one(lda), _addresses(b), one(ldb),
                  one(1 if add else 0, out.dtype), _addresses(out), one(ldc)]
     group_size = one(int(np.prod(stack)))
-    _batched_gemm(out.dtype.char.replace("f", "s"))(
-        ROW_MAJOR, *[x.ctypes.data for x in arguments], 1, group_size.ctypes.data)
+    batched.function(ROW_MAJOR, *[x.ctypes.data for x in arguments], 1, group_size.ctypes.data)

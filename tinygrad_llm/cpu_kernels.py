@@ -23,7 +23,10 @@ softmax's ``exp`` stay NumPy's, between compiled passes: numba calls the C libra
 ``tanh`` and ``exp``, 40x and 8x slower than NumPy's vectorized ones here.
 
 Sums and means accumulate in float64 (the ``0.0`` they start from), which is more exact than
-the float32 of the array code and costs no time here: the loops are bound by memory.
+the float32 of the array code and costs no time here: the loops are bound by memory. They are
+compiled with NumPy's error model: a division by zero gives inf or nan, as in the array code,
+where numba's default (Python's) tests every divisor and raises, which keeps a loop that divides
+from being vectorized -- AdamW's update took 38 ms on 10.7M floats that way, 12 ms now.
 """
 
 from __future__ import annotations
