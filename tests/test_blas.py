@@ -1,17 +1,23 @@
-"""blas.matmul_into: OpenBLAS's batched product against np.matmul, on stacks large enough for it."""
+"""blas.gemm and blas.matmul_into against np.matmul: MKL's products where it is installed (and
+TINYGRAD_LLM_MKL is not 0), else NumPy's OpenBLAS and its batched product."""
+
+import importlib.util
+import os
+import platform
+import sys
 
 import numpy as np
 import pytest
 
 from tinygrad_llm import blas
 
-needs_batched = pytest.mark.skipif(not blas.available(), reason="NumPy's BLAS has no batched "
-                                   "product we call (not NumPy's OpenBLAS wheel on x86-64)")
+needs_batched = pytest.mark.skipif(not blas.can_batch(), reason="no batched product we call "
+                                   "(neither MKL nor NumPy's OpenBLAS wheel, or not x86-64)")
 
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts the batched OpenBLAS calls matmul_into makes (and still makes them)."""
+    """Counts the batched BLAS calls matmul_into makes (and still makes them)."""
     calls = []
     real = blas._batched_gemm
 
@@ -68,6 +74,7 @@ def test_strided_stacks_as_attention_has_them(counted):
     assert len(counted) == 2
 
 
+@needs_batched
 def test_what_it_cannot_batch_goes_to_numpy(counted, monkeypatch):
     rng = np.random.default_rng(2)
     half = stack(rng, (2, 128, 96), np.float16)  # float16 operands, a float32 product
@@ -85,6 +92,7 @@ def test_what_it_cannot_batch_goes_to_numpy(counted, monkeypatch):
     assert counted == []
 
 
+@needs_batched
 def test_small_matrices_stay_away_from_the_batched_call(counted):
     # M N K <= 100^3: OpenBLAS 0.3.31's batched call crashes there
     rng = np.random.default_rng(3)
@@ -121,3 +129,18 @@ def test_gemm_of_what_blas_cannot_take():
     stepped = np.empty((6, 12), np.float32)[:, ::2]  # columns two apart: no BLAS layout
     blas.gemm(a, a.T, stepped)
     np.testing.assert_allclose(stepped, a @ a.T, rtol=1e-5)
+
+
+def test_mkl_is_used_where_it_is_installed():
+    # the mkl extra installed (and not switched off): the products must really go to it, or
+    # the tests above compare np.matmul with itself
+    installed = importlib.util.find_spec("mkl") is not None or bool(
+        [p for p in os.listdir(os.path.join(sys.prefix, "lib")) if p.startswith("libmkl_rt.so")])
+    wanted = os.environ.get("TINYGRAD_LLM_MKL", "1") != "0"
+    if not (installed and wanted and sys.platform == "linux" and platform.machine() == "x86_64"):
+        pytest.skip("MKL not installed here, or switched off (TINYGRAD_LLM_MKL=0)")
+    assert blas.mkl() is not None
+    from threadpoolctl import threadpool_info
+
+    assert all(info["num_threads"] == 1 for info in threadpool_info()
+               if info["internal_api"] == "openblas")  # one pool of spinning threads

@@ -1,24 +1,31 @@
 """The BLAS the matrix products run on: NumPy's own, called directly where NumPy cannot, or MKL.
 
-Two things here, both measured on a 2-core Intel Xeon (docs/performance.md):
+Two things here, both measured on a 2-core Intel Xeon (docs/performance.md, "Batched products
+and MKL"):
 
 1. **A batched product.** Attention multiplies a stack of small matrices, one per sequence and
    head: ``(B, H, T, D) @ (B, H, D, T)``. ``np.matmul`` hands them to BLAS one at a time, and
    OpenBLAS splits each small product over its threads, where they spend as long handing work
    over as multiplying. OpenBLAS (NumPy's wheels ship 0.3.31) also has ``cblas_?gemm_batch``:
    one call that takes the whole stack and gives each thread whole matrices. That made ``q @
-   k^T`` at (48, 128, 64) x (48, 64, 256) 1.8x faster.
+   k^T`` at (48, 128, 64) x (48, 64, 256) 1.6-1.8x faster.
 2. **Intel's MKL, when installed** (``pip install "tinygrad-llm[mkl]"``, 300 MB of Intel's
    libraries under the Intel Simplified Software License). PyTorch's CPU build multiplies with
    MKL; at the shapes of a 6 x 384 GPT, MKL's products took 94 ms per layer where NumPy's
-   OpenBLAS took 113. With MKL present, every product of the library (``gemm``, and the
-   batches of ``matmul_into``) goes to it, and NumPy's OpenBLAS is put on one thread: two pools
-   of threads that spin after each product, on the same two cores, made a training step twice
-   as slow. ``TINYGRAD_LLM_MKL=0`` leaves MKL alone.
+   OpenBLAS took 113. With MKL present, the products of linear layers and of the fused LM head
+   (``gemm``, through ``backend.matmul``) and attention's large stacks (``matmul_into``) go to
+   it, and NumPy's OpenBLAS -- which still runs every other ``@`` (``F.matmul``, the BLAS row
+   sums of ``fused.py``, small stacks) -- is put on one thread: two pools of threads that spin
+   after each product, on the same two cores, made a training step twice as slow. That is a
+   change to the whole process, made on the first product (or ``backend.set_num_threads``).
+   ``TINYGRAD_LLM_MKL=0``, read then, leaves MKL unloaded.
 
-``gemm(a, b, out)`` and ``matmul_into(a, b, out)`` equal ``np.matmul`` up to rounding; whatever
-they cannot hand to BLAS (float16, strides BLAS cannot read, overlapping arrays, another BLAS)
-goes to ``np.matmul``. ``TINYGRAD_LLM_BATCHED_BLAS=0`` sends every stack to ``np.matmul``.
+``gemm(a, b, out)`` and ``matmul_into(a, b, out)`` equal ``np.matmul`` up to rounding. Whatever
+they cannot hand to BLAS goes to ``np.matmul``, which also raises for shapes that do not match:
+float16, strides BLAS cannot read, overlapping or read-only arrays, leading shapes that
+broadcast, stacks of small matrices (below), machines other than x86-64, and, for ``gemm``,
+everything when MKL is not installed. ``TINYGRAD_LLM_BATCHED_BLAS=0`` (read at every call)
+sends every stack to ``np.matmul``.
 """
 
 from __future__ import annotations
@@ -28,33 +35,51 @@ import functools
 import glob
 import os
 import platform
+import site
 import sys
+import threading
 from typing import NamedTuple
 
 import numpy as np
 
-ROW_MAJOR, NO_TRANSPOSE, TRANSPOSE = 101, 111, 112  # the CBLAS enums
+ROW_MAJOR, NO_TRANSPOSE, TRANSPOSE = 101, 111, 112  # the CBLAS enums (C ints)
 # OpenBLAS up to 0.3.31 crashes (SIGSEGV) in the batched product of small matrices in builds for
 # several CPUs such as NumPy's (OpenMathLib/OpenBLAS pull request #5980, merged August 2026).
-# Small means M N K <= 100^3, where its AVX-512 kernels take their small-matrix path
-# (kernel/x86_64/?gemm_small_kernel_permit_skylakex.c), the only small-matrix kernels it has on
-# x86-64. So the batched call is made only on x86-64 and only above that size, with MKL too
-# (smaller stacks, such as decoding's (1 x 64) @ (64 x T), gained nothing from it): the products
-# of attention at context 256 and longer are (128 x 64 x 128 and up).
+# Small means M N K <= 100^3: there its AVX-512 kernels take their small-matrix path
+# (kernel/x86_64/?gemm_small_kernel_permit_skylakex.c). Those are OpenBLAS's only small-matrix
+# kernels on x86-64; other CPUs have their own, with limits we have not checked, so the batched
+# call is made only on x86-64, and only for matrices above that size (with MKL too: smaller
+# stacks, such as decoding's (1 x 64) @ (64 x T), gained nothing from it). Attention's
+# products at context 256 and longer are 128 x 64 x 128 and up.
 SMALL_MATRIX_LIMIT = 100**3
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
+_LOADING = threading.Lock()  # two threads' first products load MKL once
+
+
+def _char(dtype) -> str:
+    """The BLAS prefix of a dtype: 's' for float32, 'd' for float64."""
+    return "s" if np.dtype(dtype) == np.float32 else "d"
+
+
+def mkl():
+    """MKL's runtime library (``libmkl_rt``, loaded and set up; NumPy's OpenBLAS put on one
+    thread), or None when it is not installed in this environment (``sys.prefix/lib``, where
+    the ``mkl`` wheel puts it, or the user's ``site.USER_BASE/lib``), ``TINYGRAD_LLM_MKL=0``,
+    or not on x86-64 Linux. Decided once per process."""
+    with _LOADING:
+        return _load_mkl()
 
 
 @functools.cache
-def mkl():
-    """MKL's runtime library (``libmkl_rt``, loaded and set up), or None when it is not installed
-    in this environment, ``TINYGRAD_LLM_MKL=0``, or not on x86-64 Linux."""
+def _load_mkl():
     if os.environ.get("TINYGRAD_LLM_MKL", "1") == "0" or not (_X86 and sys.platform == "linux"):
         return None
-    paths = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
+    paths = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*"))
+                   + glob.glob(os.path.join(site.USER_BASE or "", "lib", "libmkl_rt.so*")))
     try:
-        library = ctypes.CDLL(paths[-1])
-        library.MKL_Set_Interface_Layer(0)  # LP64: 32-bit integers, as the argtypes below
+        library = ctypes.CDLL(paths[0])
+        if library.MKL_Set_Interface_Layer(0) != 0:  # LP64 (32-bit integers, as the argtypes
+            return None  # below); another layer already chosen in this process: leave it
     except (IndexError, OSError, AttributeError):
         return None
     for dtype_char in "sd":
@@ -65,6 +90,11 @@ def mkl():
         gemm_function.argtypes = ([integer] * 6 + [scalar, pointer, integer, pointer, integer,
                                                    scalar, pointer, integer])
         gemm_function.restype = None
+        gemv_function = getattr(library, f"cblas_{dtype_char}gemv")
+        # (order, trans, m, n, alpha, a, lda, x, incx, beta, y, incy)
+        gemv_function.argtypes = ([integer] * 4 + [scalar, pointer, integer, pointer, integer,
+                                                   scalar, pointer, integer])
+        gemv_function.restype = None
     from threadpoolctl import ThreadpoolController
 
     for openblas in ThreadpoolController().select(internal_api="openblas").lib_controllers:
@@ -104,12 +134,12 @@ def _batched_gemm(dtype_char: str):
     return _Batched(function, integer)
 
 
-def available(dtype=np.float32) -> bool:
+def can_batch(dtype=np.float32) -> bool:
     """Whether ``matmul_into`` can make a batched call for ``dtype`` (x86-64 only: see
     SMALL_MATRIX_LIMIT)."""
     return (os.environ.get("TINYGRAD_LLM_BATCHED_BLAS", "1") != "0" and _X86
             and np.dtype(dtype) in (np.float32, np.float64)
-            and _batched_gemm(np.dtype(dtype).char.replace("f", "s")) is not None)
+            and _batched_gemm(_char(dtype)) is not None)
 
 
 def _layout(x: np.ndarray):
@@ -124,12 +154,16 @@ def _layout(x: np.ndarray):
 
 
 def _blas_can_take(a, b, out) -> bool:
-    """Whether BLAS can compute out = a @ b as they are: one float dtype, readable strides, the
-    output's rows contiguous, aligned, and no overlap between the output and an operand."""
-    return (a.dtype == b.dtype == out.dtype and a.dtype in (np.float32, np.float64)
+    """Whether BLAS can compute out = a @ b as they are: shapes that match, one float dtype,
+    strides BLAS can read, the output's rows contiguous (NO_TRANSPOSE), aligned and writeable
+    arrays, and no overlap between the output and an operand."""
+    out_layout = _layout(out)
+    return (a.shape[-1] == b.shape[-2] and out.shape[-2:] == (a.shape[-2], b.shape[-1])
+            and a.dtype == b.dtype == out.dtype and a.dtype in (np.float32, np.float64)
             and _layout(a) is not None and _layout(b) is not None
-            and (_layout(out) or (None,))[0] == NO_TRANSPOSE
+            and out_layout is not None and out_layout[0] == NO_TRANSPOSE
             and a.flags.aligned and b.flags.aligned and out.flags.aligned
+            and out.flags.writeable
             and not np.may_share_memory(out, a) and not np.may_share_memory(out, b))
 
 
@@ -150,9 +184,18 @@ def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False) -> np
         _numpy_matmul(a, b, out, add)
         return out
     (trans_a, lda), (trans_b, ldb), (_, ldc) = _layout(a), _layout(b), _layout(out)
-    function = library.cblas_sgemm if out.dtype == np.float32 else library.cblas_dgemm
-    function(ROW_MAJOR, trans_a, trans_b, a.shape[0], b.shape[1], a.shape[1], 1.0,
-             a.ctypes.data, lda, b.ctypes.data, ldb, 1.0 if add else 0.0, out.ctypes.data, ldc)
+    single = out.dtype == np.float32
+    (m, k), n = a.shape, b.shape[1]
+    if m == 1 and a.strides[1] == a.itemsize:  # one row (decoding a token): a matrix-vector
+        # product, y = b^T x, with b as it lies in memory: (K, N) rows, or (N, K) when transposed
+        rows, columns = (k, n) if trans_b == NO_TRANSPOSE else (n, k)
+        (library.cblas_sgemv if single else library.cblas_dgemv)(
+            ROW_MAJOR, TRANSPOSE if trans_b == NO_TRANSPOSE else NO_TRANSPOSE, rows, columns,
+            1.0, b.ctypes.data, ldb, a.ctypes.data, 1, 1.0 if add else 0.0, out.ctypes.data, 1)
+        return out
+    (library.cblas_sgemm if single else library.cblas_dgemm)(
+        ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb,
+        1.0 if add else 0.0, out.ctypes.data, ldc)
     return out
 
 
@@ -167,9 +210,9 @@ def _addresses(x: np.ndarray) -> np.ndarray:
 def matmul_into(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False) -> None:
     """out[...] = a @ b (with ``add``: out += a @ b) for stacks a (..., M, K), b (..., K, N),
     out (..., M, N) of NumPy arrays with the same leading shape. One batched BLAS call when it
-    can; ``np.matmul`` otherwise."""
+    can (MKL's or OpenBLAS's); ``np.matmul`` otherwise."""
     stack, (m, k), n = out.shape[:-2], a.shape[-2:], b.shape[-1]
-    batched = available(out.dtype) and _batched_gemm(out.dtype.char.replace("f", "s"))
+    batched = can_batch(out.dtype) and _batched_gemm(_char(out.dtype))
     if (not batched or a.ndim < 3 or not a.shape[:-2] == b.shape[:-2] == stack
             or m * n * k <= SMALL_MATRIX_LIMIT or 0 in a.shape + b.shape
             or not _blas_can_take(a, b, out)):

@@ -602,10 +602,10 @@ class ScaledDotProductAttention(Function):
 
 def _matmul_into(a, b, out, add: bool = False) -> None:
     """out[...] = a @ b, or out += a @ b with ``add``, for stacks of matrices (.., M, K) @
-    (.., K, N). On NumPy, one batched OpenBLAS call that gives each thread whole matrices
-    (``blas.matmul_into``); otherwise straight into ``out`` when the dtypes agree, and through
-    a temporary when mixed precision mixes float16 and float32 (CuPy's ``out=`` wants the
-    product's own dtype)."""
+    (.., K, N). On NumPy through ``blas.matmul_into``: one batched BLAS call (MKL's or
+    OpenBLAS's) that gives each thread whole matrices, where it can. On CuPy straight into
+    ``out`` when the dtypes agree, and through a temporary when mixed precision mixes float16
+    and float32 (CuPy's ``out=`` wants the product's own dtype)."""
     if get_xp(a) is np:
         blas.matmul_into(a, b, out, add)
     elif add:
