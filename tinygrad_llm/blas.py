@@ -74,8 +74,8 @@ def mkl():
 def _load_mkl():
     if os.environ.get("TINYGRAD_LLM_MKL", "1") == "0" or not (_X86 and sys.platform == "linux"):
         return None
-    paths = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*"))
-                   + glob.glob(os.path.join(site.USER_BASE or "", "lib", "libmkl_rt.so*")))
+    paths = [path for folder in (sys.prefix, site.USER_BASE or "")  # this environment's first
+             for path in sorted(glob.glob(os.path.join(folder, "lib", "libmkl_rt.so*")))]
     try:
         library = ctypes.CDLL(paths[0])
         if library.MKL_Set_Interface_Layer(0) != 0:  # LP64 (32-bit integers, as the argtypes
