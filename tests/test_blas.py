@@ -144,3 +144,14 @@ def test_mkl_is_used_where_it_is_installed():
 
     assert all(info["num_threads"] == 1 for info in threadpool_info()
                if info["internal_api"] == "openblas")  # one pool of spinning threads
+
+
+def test_shapes_that_do_not_match_raise_as_numpy_does():
+    # never handed to BLAS, which would read past the arrays: np.matmul says what is wrong
+    rng = np.random.default_rng(6)
+    with pytest.raises(ValueError):
+        blas.gemm(stack(rng, (200, 120), np.float32), stack(rng, (121, 130), np.float32),
+                  np.empty((200, 130), np.float32))
+    with pytest.raises(ValueError):
+        blas.matmul_into(stack(rng, (2, 200, 120), np.float32),
+                         stack(rng, (2, 120, 130), np.float32), np.empty((2, 200, 131), np.float32))

@@ -153,18 +153,21 @@ def _layout(x: np.ndarray):
     return None
 
 
-def _blas_can_take(a, b, out) -> bool:
-    """Whether BLAS can compute out = a @ b as they are: shapes that match, one float dtype,
-    strides BLAS can read, the output's rows contiguous (NO_TRANSPOSE), aligned and writeable
-    arrays, and no overlap between the output and an operand."""
-    out_layout = _layout(out)
-    return (a.shape[-1] == b.shape[-2] and out.shape[-2:] == (a.shape[-2], b.shape[-1])
-            and a.dtype == b.dtype == out.dtype and a.dtype in (np.float32, np.float64)
-            and _layout(a) is not None and _layout(b) is not None
-            and out_layout is not None and out_layout[0] == NO_TRANSPOSE
-            and a.flags.aligned and b.flags.aligned and out.flags.aligned
-            and out.flags.writeable
-            and not np.may_share_memory(out, a) and not np.may_share_memory(out, b))
+def _blas_layouts(a, b, out):
+    """How BLAS reads a, b and out for out = a @ b as they are -- ((trans_a, lda), (trans_b,
+    ldb), ldc) -- or None when it cannot: shapes that do not match or are empty, not one float
+    dtype, strides BLAS cannot read, the output's rows not contiguous, unaligned or read-only
+    arrays, or an output that overlaps an operand."""
+    layouts = _layout(a), _layout(b), _layout(out)
+    if (a.shape[-1] != b.shape[-2] or out.shape[-2:] != (a.shape[-2], b.shape[-1])
+            or 0 in a.shape + b.shape or not a.dtype == b.dtype == out.dtype
+            or a.dtype not in (np.float32, np.float64)
+            or None in layouts or layouts[2][0] != NO_TRANSPOSE
+            or not (a.flags.aligned and b.flags.aligned and out.flags.aligned)
+            or not out.flags.writeable
+            or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+        return None
+    return layouts[0], layouts[1], layouts[2][1]
 
 
 def _numpy_matmul(a, b, out, add: bool) -> None:
@@ -180,10 +183,11 @@ def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False) -> np
     """out[...] = a @ b (with ``add``: out += a @ b) for matrices a (M, K), b (K, N), out (M, N):
     MKL's ``cblas_?gemm`` when MKL is installed, ``np.matmul`` otherwise. Returns ``out``."""
     library = mkl()
-    if library is None or 0 in a.shape + b.shape or not _blas_can_take(a, b, out):
+    layouts = None if library is None else _blas_layouts(a, b, out)
+    if layouts is None:
         _numpy_matmul(a, b, out, add)
         return out
-    (trans_a, lda), (trans_b, ldb), (_, ldc) = _layout(a), _layout(b), _layout(out)
+    (trans_a, lda), (trans_b, ldb), ldc = layouts
     single = out.dtype == np.float32
     (m, k), n = a.shape, b.shape[1]
     if m == 1 and a.strides[1] == a.itemsize:  # one row (decoding a token): a matrix-vector
@@ -213,12 +217,14 @@ def matmul_into(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False
     can (MKL's or OpenBLAS's); ``np.matmul`` otherwise."""
     stack, (m, k), n = out.shape[:-2], a.shape[-2:], b.shape[-1]
     batched = can_batch(out.dtype) and _batched_gemm(_char(out.dtype))
-    if (not batched or a.ndim < 3 or not a.shape[:-2] == b.shape[:-2] == stack
-            or m * n * k <= SMALL_MATRIX_LIMIT or 0 in a.shape + b.shape
-            or not _blas_can_take(a, b, out)):
+    layouts = None
+    if (batched and a.ndim >= 3 and a.shape[:-2] == b.shape[:-2] == stack
+            and m * n * k > SMALL_MATRIX_LIMIT):
+        layouts = _blas_layouts(a, b, out)
+    if layouts is None:
         _numpy_matmul(a, b, out, add)
         return
-    (trans_a, lda), (trans_b, ldb), (_, ldc) = _layout(a), _layout(b), _layout(out)
+    (trans_a, lda), (trans_b, ldb), ldc = layouts
 
     def one(value, dtype=batched.integer):  # a one-entry array: the group's value
         return np.array([value], dtype)
