@@ -79,6 +79,10 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", default="Every effort moves you")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    try:  # before our first product: MKL, loaded first, would bring Intel's OpenMP (libiomp5)
+        import torch  # into the global symbols, and PyTorch's OpenMP calls would bind to it
+    except ImportError:
+        torch = None
     backend.tune_cpu_allocator()  # reuse freed buffers warm, as `tinygrad-llm` does
 
     backend.manual_seed(0)
@@ -99,9 +103,7 @@ def main(argv=None) -> None:
     print(f"same tokens: {same}")
     print(f"tokens_per_s={rates['kv_cache']:.2f}")
     print(f"speedup={rates['kv_cache'] / rates['no_cache']:.2f}")
-    try:
-        import torch
-    except ImportError:
+    if torch is None:
         print("(PyTorch not installed: no comparison)")
         return
     if len(prompt) + args.tokens > model.config.context_length:

@@ -6,12 +6,13 @@ r"""Time whole training steps (forward, backward, clipping, AdamW) on random tok
 
 Prints ``tokens_per_s=<float>``; with PyTorch installed, also the same model and step in PyTorch
 eager (``torch_tokens_per_s=``) and ``ratio=`` (our tokens/s over PyTorch's: PyTorch's step time
-over ours). Both use float32 and the same number of threads, in one process, and they take turns:
-rounds of about half a second of steps, ours then PyTorch's, then PyTorch's then ours, ...
-(``time_steps``). On a machine shared with other tenants the speed drifts by 10-20% within a
-minute; taking turns, both engines meet the same drift. Each tokens/s figure is from the median
-round; ``ratio`` is the median over the rounds of PyTorch's step time over ours, printed with the
-middle half of the rounds' ratios (their spread is the noise of that run). The BLAS kernel NumPy
+over ours). Both use float32 and the same number of threads, each engine in a process of its own
+(``TorchProcess``), and they take turns: rounds of about half a second of steps, ours then
+PyTorch's, then PyTorch's then ours, ... (``time_steps``). On a machine shared with other
+tenants the speed drifts by 10-20% within a minute; taking turns, both engines meet the same
+drift. Each tokens/s figure is from the median round; ``ratio`` is the median over the rounds of
+PyTorch's step time over ours, printed with the middle half of the rounds' ratios (their spread
+is the noise of that run). The BLAS kernel NumPy
 picked is printed too: an environment that forces an older one (OPENBLAS_CORETYPE) changes our
 figure a lot and PyTorch's not at all.
 
@@ -22,6 +23,7 @@ The model flags are spelled as in ``tinygrad-llm pretrain``; the older spellings
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import time
@@ -56,9 +58,10 @@ def parse_args(argv=None):
     parser.add_argument("--tf32", action="store_true",
                         help="GPU: float32 matrix products on TF32 tensor cores, in both engines")
     parser.add_argument("--threads", type=int, default=None,
-                        help="ours: split products and elementwise work over this many threads "
-                             "(BLAS on one thread each); PyTorch: torch.set_num_threads. "
-                             "Default: NumPy and BLAS as they come; PyTorch's default")
+                        help="ours: backend.set_num_threads (as the CLI's --threads: the "
+                             "library's own work over this many threads, products on MKL's or "
+                             "split over them); PyTorch: torch.set_num_threads. Default: NumPy "
+                             "and BLAS as they come; PyTorch's default")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--profile", action="store_true",
                         help="after the timing, time every op's forward and backward over a few "
@@ -74,46 +77,97 @@ def batches(args, count):
 
 
 # How the engines take turns: in rounds of about ROUND_SECONDS of steps, each round after a pause
-# of SETTLE_SECONDS. Both engines keep threads that spin for a while after their last op (OpenBLAS
-# for ours, OpenMP for PyTorch's) and slow whatever runs next on the cores; steps run back to back
-# across engines measured PyTorch 40% slower than alone. The pause lets them sleep first.
+# of SETTLE_SECONDS. Both engines keep threads that spin for a while after their last op (MKL's
+# or OpenBLAS's for ours, OpenMP's for PyTorch's) and slow whatever runs next on the cores; steps
+# run back to back across engines measured PyTorch 40% slower than alone. The pause lets them
+# sleep first.
 SETTLE_SECONDS = 0.3
 ROUND_SECONDS = 0.5
 
 
-def time_steps(runs, warmup, sync=lambda: None) -> list:
-    """Seconds per step of each engine in ``runs``, a list of (step, batches): ``step(x, y)``
-    over its own copy of the same batches (NumPy arrays for ours, tensors for PyTorch). The
-    engines take turns after ``warmup`` untimed steps each. A turn is a round of consecutive
-    steps lasting about ROUND_SECONDS, after a pause of SETTLE_SECONDS and, when a step is
-    shorter than a round, one untimed step (the first after a pause finds cold caches). The
-    order of the engines alternates from round to round. Returns, per engine, the mean step
-    time of each of its rounds; all engines get the same number of rounds."""
+class Engine:
+    """One engine's training step over its own copy of the batches, in this process."""
+
+    def __init__(self, step, batches, sync=lambda: None):
+        self.step, self.batches, self.sync = step, batches, sync
+
+    def run(self, indices) -> float:
+        """Seconds taken by the steps on these batches, one after another."""
+        start = time.perf_counter()
+        for i in indices:
+            self.step(*self.batches[i])
+        self.sync()
+        return time.perf_counter() - start
+
+
+class TorchProcess:
+    """PyTorch's engine in a process of its own, run a round at a time from this one.
+
+    Why not in this process: the two engines would share one OpenMP runtime. When MKL is loaded
+    first, Intel's OpenMP (libiomp5) comes with it, and PyTorch's OpenMP calls bind to that
+    instead of to its own libgomp; when PyTorch is imported first, MKL picks GNU's OpenMP, and its
+    threads spin after every product in the way of our own threads. Each engine in its own
+    process runs as its users run it."""
+
+    def __init__(self, args, data):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter, nothing loaded
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_torch_engine, args=(child, args, data),
+                                       daemon=True)
+        self.process.start()
+        self.version, self.threads = self._receive()
+
+    def _receive(self):
+        try:
+            return self.connection.recv()
+        except EOFError:
+            raise SystemExit("PyTorch's process ended (its error is above)") from None
+
+    def run(self, indices) -> float:
+        self.connection.send(list(indices))
+        return self._receive()
+
+    def close(self) -> None:
+        self.connection.send(None)
+        self.process.join()
+
+
+def _torch_engine(connection, args, data) -> None:
+    """The child process of TorchProcess: build PyTorch's model, then run what it is sent."""
+    import torch
+
+    step, sync, torch_data = make_torch(args, data)
+    engine = Engine(step, torch_data, sync)
+    connection.send((torch.__version__, torch.get_num_threads()))
+    while (indices := connection.recv()) is not None:
+        connection.send(engine.run(indices))
+
+
+def time_steps(engines, batch_count: int, warmup: int) -> list:
+    """Seconds per step of each engine (``Engine`` or ``TorchProcess``) over batches
+    ``warmup .. batch_count - 1``. The engines take turns after ``warmup`` untimed steps each. A
+    turn is a round of consecutive steps lasting about ROUND_SECONDS, after a pause of
+    SETTLE_SECONDS and, when a step is shorter than a round, one untimed step (the first after a
+    pause finds cold caches). The order of the engines alternates from round to round. Returns,
+    per engine, the mean step time of each of its rounds; all engines get the same number of
+    rounds."""
     slowest = 0.0  # the slowest engine's step (the fastest of its warm-up steps: the first ones
-    for step, batches in runs:  # compile, allocate and fill caches)
-        fastest = math.inf
-        for x, y in batches[:warmup]:
-            start = time.perf_counter()
-            step(x, y)
-            sync()
-            fastest = min(fastest, time.perf_counter() - start)
+    for engine in engines:  # compile, allocate and fill caches)
+        fastest = min((engine.run([i]) for i in range(warmup)), default=math.inf)
         slowest = max(slowest, fastest)
-    timed = range(warmup, len(runs[0][1]))  # indices of the timed batches
+    timed = range(warmup, batch_count)  # indices of the timed batches
     per_round = max(1, min(len(timed), round(ROUND_SECONDS / max(slowest, 1e-9))))
     rounds = [timed[i:i + per_round] for i in range(0, len(timed), per_round)]
-    seconds = [[] for _ in runs]
+    seconds = [[] for _ in engines]
     for r, indices in enumerate(rounds):
-        order = list(enumerate(runs))
-        for k, (step, batches) in order if r % 2 == 0 else order[::-1]:
+        order = list(enumerate(engines))
+        for k, engine in order if r % 2 == 0 else order[::-1]:
             time.sleep(SETTLE_SECONDS)
             if per_round > 1:
-                step(*batches[indices[0]])
-                sync()
-            start = time.perf_counter()
-            for i in indices:
-                step(*batches[i])
-            sync()
-            seconds[k].append((time.perf_counter() - start) / len(indices))
+                engine.run(indices[:1])
+            seconds[k].append(engine.run(indices) / len(indices))
     return seconds
 
 
@@ -306,33 +360,26 @@ def main(argv=None) -> None:
           f"{' (PyTorch: bfloat16 autocast)' * (args.dtype == 'float16')}{', TF32' * args.tf32}")
     print(f"numpy {np.__version__}, BLAS: {blas_kernel()}, CPU allocator tuned: {tuned}, "
           f"compiled CPU kernels: {cpu_kernels_state()}; "
-          + (f"threads: {args.threads} (the library splits products and elementwise work over "
-             "them; BLAS on one thread per call)" if args.threads else
+          + (f"threads: {args.threads} (the library's own work split over them; products "
+             + ("on MKL's threads)" if blas.mkl() is not None else
+                "split over them too, BLAS on one thread per call)") if args.threads else
              "threads: NumPy's elementwise on one, BLAS on its own"))
     ours_step, ours_sync = make_ours(args)
-    runs, syncs = [(ours_step, data)], [ours_sync]
+    engines = [Engine(ours_step, data, ours_sync)]
     torch = None
-    if not args.no_torch:
-        try:
-            import torch
-        except ImportError:
-            print("(PyTorch not installed: no comparison)")
-    if torch is not None:  # the same batches, as tensors on PyTorch's device
-        torch_step, torch_sync, torch_data = make_torch(args, data)
-        runs.append((torch_step, torch_data))
-        syncs.append(torch_sync)
-
-    def sync_all():
-        for sync in syncs:
-            sync()
-
-    seconds = time_steps(runs, args.warmup, sync_all)
+    if not args.no_torch and importlib.util.find_spec("torch") is None:
+        print("(PyTorch not installed: no comparison)")
+    elif not args.no_torch:  # the same batches, in a process of its own (TorchProcess says why)
+        torch = TorchProcess(args, data)
+        engines.append(torch)
+    seconds = time_steps(engines, len(data), args.warmup)
     median = [float(np.median(s)) for s in seconds]
     print(f"tokens_per_s={tokens / median[0]:.1f}")
     if torch is not None:
+        torch.close()
         pairs = np.array(seconds[1]) / np.array(seconds[0])  # PyTorch's time / ours, by round
-        print(f"torch_tokens_per_s={tokens / median[1]:.1f}  (PyTorch {torch.__version__} eager, "
-              f"{torch.get_num_threads()} threads)")
+        print(f"torch_tokens_per_s={tokens / median[1]:.1f}  (PyTorch {torch.version} eager, "
+              f"{torch.threads} threads, in a process of its own)")
         print(f"ratio={float(np.median(pairs)):.3f}  (median over {len(pairs)} rounds, the engines "
               f"taking turns; the middle half of the rounds: {np.percentile(pairs, 25):.3f}-"
               f"{np.percentile(pairs, 75):.3f})")

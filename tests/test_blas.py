@@ -155,3 +155,62 @@ def test_shapes_that_do_not_match_raise_as_numpy_does():
     with pytest.raises(ValueError):
         blas.matmul_into(stack(rng, (2, 200, 120), np.float32),
                          stack(rng, (2, 120, 130), np.float32), np.empty((2, 200, 131), np.float32))
+
+
+@pytest.mark.parametrize("mkl", [True, False], ids=["mkl where installed", "numpy"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backend_matmul_adds_the_bias_as_numpy_would(mkl, threads, monkeypatch):
+    # MKL: the output filled with the bias, then the product added (beta = 1); otherwise each
+    # block of rows gets the bias after its product
+    from tinygrad_llm import backend
+
+    if not mkl:
+        monkeypatch.setattr(blas, "mkl", lambda: None)
+    monkeypatch.setattr(backend, "PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(backend, "_threads", threads)
+    rng = np.random.default_rng(7)
+    for dtype in (np.float32, np.float64):
+        a = stack(rng, (37, 19), dtype)
+        for b in (stack(rng, (19, 23), dtype), stack(rng, (19, 23), dtype, transposed=True)):
+            bias = rng.standard_normal(23).astype(dtype)
+            expected = a @ b + bias
+            got = backend.matmul(a, b, bias=bias)
+            np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == np.float32 else 1e-12)
+            np.testing.assert_allclose(backend.matmul(a, b), a @ b,
+                                       rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+def test_mkl_shares_the_cores_with_the_library_threads():
+    # set_num_threads with MKL: products called from this thread on all the threads, from any
+    # other (a worker of the library's pool) on one; inside one_thread_here on one; and MKL's
+    # Intel OpenMP threads sleep as soon as a product ends (blocktime 0)
+    import threading
+
+    library = blas.mkl()
+    if library is None:
+        pytest.skip("MKL not installed here, or switched off (TINYGRAD_LLM_MKL=0)")
+
+    def elsewhere():
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(library.MKL_Get_Max_Threads()))
+        worker.start()
+        worker.join()
+        return seen[0]
+
+    default, own = elsewhere(), library.MKL_Set_Num_Threads_Local(0)
+    try:
+        assert blas.share_cores_with_threads(3)
+        assert library.MKL_Get_Max_Threads() == 3 and elsewhere() == 1
+        with blas.one_thread_here():
+            assert library.MKL_Get_Max_Threads() == 1
+        assert library.MKL_Get_Max_Threads() == 3
+        from threadpoolctl import ThreadpoolController
+
+        for openmp in ThreadpoolController().select(internal_api="openmp").lib_controllers:
+            if openmp.prefix == "libiomp":
+                import ctypes
+
+                assert ctypes.CDLL(openmp.filepath).kmp_get_blocktime() == 0
+    finally:
+        library.MKL_Set_Num_Threads(default)
+        library.MKL_Set_Num_Threads_Local(own)

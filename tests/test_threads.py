@@ -2,25 +2,29 @@
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import ThreadpoolController
 
-from tinygrad_llm import Tensor, backend
+from tinygrad_llm import Tensor, backend, blas
 from tinygrad_llm import functional as F
 from tinygrad_llm.models.gpt import GPT, GPTConfig
 
 
 @pytest.fixture
 def threads(monkeypatch):
-    """Three threads, every array split however small; afterwards one thread and BLAS's own
-    thread count again."""
-    blas = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+    """Three threads, every array split however small; afterwards one thread and each BLAS's
+    own thread count again."""
+    controllers = ThreadpoolController().select(user_api="blas").lib_controllers
+    counts = [controller.num_threads for controller in controllers]
     monkeypatch.setattr(backend, "PARALLEL_MIN_ELEMENTS", 0)
     backend.set_num_threads(3)
     yield
     backend.set_num_threads(1)
     backend._threads = 1
-    if blas:
-        threadpool_limits(max(blas), user_api="blas")
+    for controller, count in zip(controllers, counts, strict=True):
+        controller.set_num_threads(count)
+    if blas.mkl() is not None:  # its default for every thread, and none of this thread's own
+        blas.mkl().MKL_Set_Num_Threads(max(counts))
+        blas.mkl().MKL_Set_Num_Threads_Local(0)
 
 
 def test_the_helpers_cover_every_row_once(threads):

@@ -200,12 +200,14 @@ def scatter_add(target, indices, values) -> None:
 # NumPy runs each ufunc on one core. Its BLAS (OpenBLAS) has threads of its own for matrix
 # products, but they spin for a while after each product, waiting for the next -- competing for
 # the cores with whatever runs next. ``set_num_threads(n)`` (``--threads n`` on the command line)
-# takes the other road: BLAS runs on one thread, and the library splits its own work -- the rows
-# of a matrix product, the rows of an elementwise or row-wise op, the sequences of a batch in
-# attention -- over n threads that sleep while idle. NumPy and BLAS release the GIL while they
-# compute, so the blocks really run at once, as PyTorch's one OpenMP pool does. Without the call
-# (the default), everything runs as plain NumPy: elementwise on one thread, BLAS on its own.
-# Which is faster depends on the machine and the model (docs/performance.md has the figures).
+# splits the library's own work -- the rows of an elementwise or row-wise op, the sequences of a
+# batch in attention -- over n threads that sleep while idle. NumPy and BLAS release the GIL
+# while they compute, so the blocks really run at once, as PyTorch's one OpenMP pool does. The
+# products of linear layers run on MKL's own n threads when MKL is installed (its threads can be
+# told to sleep as soon as a product ends: ``blas.share_cores_with_threads``); with NumPy's
+# OpenBLAS, which cannot, BLAS runs on one thread and the rows of each product are split too.
+# Without the call (the default), everything runs as plain NumPy: elementwise on one thread,
+# BLAS on its own. Which is faster depends on the machine and the model (docs/performance.md).
 PARALLEL_MIN_ELEMENTS = 1 << 15  # below this, handing work to threads costs more than it saves
 _threads = 1  # set_num_threads
 _pool = None
@@ -223,8 +225,8 @@ def default_threads() -> int:
 
 
 def set_num_threads(threads: int | None = None) -> int:
-    """Split CPU work over ``threads`` threads (default: ``default_threads()``), with BLAS on one
-    thread each. Returns the number used."""
+    """Split CPU work over ``threads`` threads (default: ``default_threads()``): NumPy's BLAS on
+    one thread each, MKL's products on ``threads`` of its own. Returns the number used."""
     global _threads, _pool
     threads = default_threads() if threads is None else int(threads)
     if threads < 1:
@@ -232,7 +234,8 @@ def set_num_threads(threads: int | None = None) -> int:
     from threadpoolctl import threadpool_limits  # finds whichever BLAS NumPy loaded
 
     blas.mkl()  # loads MKL first when it is installed, so that the limit reaches it too
-    threadpool_limits(1, user_api="blas")  # the library splits the products itself
+    threadpool_limits(1, user_api="blas")  # NumPy's BLAS on one thread
+    blas.share_cores_with_threads(threads)  # MKL: products on all of them, the rest on ours
     if _pool is not None:
         _pool.shutdown()
         _pool = None
@@ -255,7 +258,8 @@ def _split(body, arrays, count: int, work: int) -> None:
     blocks = [[a[lo:hi] for a in arrays] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     others = [_pool.submit(body, *block) for block in blocks[1:]]
     try:
-        body(*blocks[0])  # this thread takes the first block
+        with blas.one_thread_here():  # the other threads are busy with their blocks
+            body(*blocks[0])  # this thread takes the first block
     finally:
         for done in others:
             done.result()  # waits, and raises what a block raised
@@ -296,14 +300,26 @@ def parallel_batches(body, *arrays, work: int | None = None) -> None:
     _split(body, arrays, len(arrays[0]), arrays[0].size if work is None else work)
 
 
-def matmul(a, b, out=None):
-    """a @ b for a (N, K) and b (K, M) -> (N, M), the rows of ``a`` split over the threads."""
+def matmul(a, b, out=None, bias=None):
+    """a @ b (+ bias) for a (N, K), b (K, M) and bias (M,) -> (N, M): with MKL one call on all
+    the threads (MKL's own, ``blas.share_cores_with_threads``), else the rows of ``a`` split
+    over the threads. MKL adds the bias as it writes the product (the output filled with the
+    bias first, then the product added: one pass over the output fewer)."""
     xp = get_array_module(a)
     if out is None:
         out = xp.empty((a.shape[0], b.shape[1]), np.result_type(a.dtype, b.dtype))
+    if xp is np and blas.mkl() is not None and blas.can_gemm(a, b, out):
+        if bias is not None:
+            out[...] = bias
+        return blas.gemm(a, b, out, add=bias is not None)
 
     def rows_times_b(rows, into):  # on NumPy through blas.gemm: MKL when it is installed
-        return blas.gemm(rows, b, into) if xp is np else xp.matmul(rows, b, out=into)
+        if xp is np:
+            blas.gemm(rows, b, into)
+        else:
+            xp.matmul(rows, b, out=into)
+        if bias is not None:
+            into += bias
 
     parallel_batches(rows_times_b, a, out, work=a.shape[0] * b.shape[1] * max(1, a.shape[1] // 16))
     return out

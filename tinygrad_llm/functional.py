@@ -363,12 +363,7 @@ class Linear(Function):
         # all leading positions as the rows of one matrix: one large GEMM instead of a batch of
         # small ones (NumPy loops over the batch of a 3-D @ 2-D product)
         x2 = x.reshape(-1, x.shape[-1])
-        y = backend.matmul(x2, weight)  # (N, in) @ (in, out) -> (N, out), rows over the threads
-        if bias is not None:
-            def add_bias(rows):
-                rows += bias
-
-            backend.parallel_rows(add_bias, y)
+        y = backend.matmul(x2, weight, bias=bias)  # (N, in) @ (in, out) + (out,) -> (N, out)
         return y.reshape(x.shape[:-1] + (weight.shape[1],))
 
     def backward(self, g):

@@ -328,14 +328,16 @@ class LayerNorm(Function):
             y, self.xhat, self.rstd = cuda_kernels.layer_norm_forward(x, weight, bias, eps)
             return y
         x = xp.ascontiguousarray(x)
-        self.compiled = cpu_kernels.enabled(xp, x, weight, *(() if bias is None else (bias,)))
-        if self.compiled:  # the lines below as one compiled loop over the rows (numba)
-            y, self.xhat, self.rstd = cpu_kernels.layer_norm_forward(x, weight, bias, eps)
-            return y
         xhat, y = xp.empty_like(x), xp.empty_like(x)
         rstd = xp.empty(x.shape[:-1] + (1,), x.dtype)
-        rows = functools.partial(_layer_norm_rows, weight=weight, bias=bias, eps=eps)
-        backend.parallel_rows(rows, x, xhat, rstd, y, cache_blocks=True)  # rows, all cores
+        self.compiled = cpu_kernels.enabled(xp, x, weight, *(() if bias is None else (bias,)))
+        if self.compiled:  # the lines of _layer_norm_rows as one compiled loop (numba)
+            rows = functools.partial(cpu_kernels.layer_norm_forward_rows, weight=weight,
+                                     bias=bias, eps=eps)
+            backend.parallel_rows(rows, x, xhat, rstd, y)  # rows, all cores
+        else:
+            rows = functools.partial(_layer_norm_rows, weight=weight, bias=bias, eps=eps)
+            backend.parallel_rows(rows, x, xhat, rstd, y, cache_blocks=True)
         self.xhat, self.rstd = xhat, rstd
         return y
 
@@ -346,8 +348,12 @@ class LayerNorm(Function):
         xp = get_xp(xhat)
         g = xp.ascontiguousarray(g)
         gx = None
-        if self.compiled:  # dx, dw and db in one compiled pass over the rows
-            gx, gw, gb = cpu_kernels.layer_norm_backward(g, xhat, self.weight, rstd)
+        if self.compiled:  # dx, and each block's share of dw and db, in one compiled pass
+            gx, sums = xp.empty_like(g), []
+            rows = functools.partial(cpu_kernels.layer_norm_backward_rows, weight=self.weight,
+                                     sums=sums)
+            backend.parallel_rows(rows, g, xhat, rstd, gx)
+            gw, gb = (sum(parts).astype(self.weight.dtype) for parts in zip(*sums, strict=True))
             return (gx, gw) if not self.has_bias else (gx, gw, gb)
         if self.needs_input_grad[0] and self.fused:
             gx = cuda_kernels.layer_norm_backward(g, xhat, self.weight, rstd)

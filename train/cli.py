@@ -61,9 +61,11 @@ COMMANDS = {
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None,
-                        help="split matrix products and elementwise work over this many CPU "
-                             "threads yourself, BLAS on one thread each (default: NumPy's "
-                             "elementwise on one thread, BLAS on its own threads); see "
+                        help="use this many CPU threads for the library's own work "
+                             "(elementwise ops, layer norm, attention); matrix products run "
+                             "on MKL's own threads when MKL is installed, else split over "
+                             "them with BLAS on one thread each (default: NumPy's elementwise "
+                             "on one thread, BLAS on its own threads); see "
                              "docs/performance.md for when it helps")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (for bug reports)")
