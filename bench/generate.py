@@ -80,7 +80,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     try:  # before our first product: MKL, loaded first, would bring Intel's OpenMP (libiomp5)
-        import torch  # into the global symbols, and PyTorch's OpenMP calls would bind to it
+        import torch  # into the global symbols, and PyTorch's OpenMP calls would bind to it.
+        # Imported first, PyTorch runs on its own libgomp, and our MKL on GNU's OpenMP too
+        # (docs/performance.md, "Threads beside MKL"; decoding runs no threads of ours)
     except ImportError:
         torch = None
     backend.tune_cpu_allocator()  # reuse freed buffers warm, as `tinygrad-llm` does

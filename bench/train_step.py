@@ -12,9 +12,8 @@ PyTorch's, then PyTorch's then ours, ... (``time_steps``). On a machine shared w
 tenants the speed drifts by 10-20% within a minute; taking turns, both engines meet the same
 drift. Each tokens/s figure is from the median round; ``ratio`` is the median over the rounds of
 PyTorch's step time over ours, printed with the middle half of the rounds' ratios (their spread
-is the noise of that run). The BLAS kernel NumPy
-picked is printed too: an environment that forces an older one (OPENBLAS_CORETYPE) changes our
-figure a lot and PyTorch's not at all.
+is the noise of that run). The BLAS kernel NumPy picked is printed too: an environment that
+forces an older one (OPENBLAS_CORETYPE) changes our figure a lot and PyTorch's not at all.
 
 The model flags are spelled as in ``tinygrad-llm pretrain``; the older spellings (``--n_layer``,
 ``--block``, ``--batch``, ``--vocab`` ...) still work.
@@ -366,20 +365,20 @@ def main(argv=None) -> None:
              "threads: NumPy's elementwise on one, BLAS on its own"))
     ours_step, ours_sync = make_ours(args)
     engines = [Engine(ours_step, data, ours_sync)]
-    torch = None
+    torch_engine = None
     if not args.no_torch and importlib.util.find_spec("torch") is None:
         print("(PyTorch not installed: no comparison)")
     elif not args.no_torch:  # the same batches, in a process of its own (TorchProcess says why)
-        torch = TorchProcess(args, data)
-        engines.append(torch)
+        torch_engine = TorchProcess(args, data)
+        engines.append(torch_engine)
     seconds = time_steps(engines, len(data), args.warmup)
     median = [float(np.median(s)) for s in seconds]
     print(f"tokens_per_s={tokens / median[0]:.1f}")
-    if torch is not None:
-        torch.close()
+    if torch_engine is not None:
+        torch_engine.close()
         pairs = np.array(seconds[1]) / np.array(seconds[0])  # PyTorch's time / ours, by round
-        print(f"torch_tokens_per_s={tokens / median[1]:.1f}  (PyTorch {torch.version} eager, "
-              f"{torch.threads} threads, in a process of its own)")
+        print(f"torch_tokens_per_s={tokens / median[1]:.1f}  (PyTorch {torch_engine.version} "
+              f"eager, {torch_engine.threads} threads, in a process of its own)")
         print(f"ratio={float(np.median(pairs)):.3f}  (median over {len(pairs)} rounds, the engines "
               f"taking turns; the middle half of the rounds: {np.percentile(pairs, 25):.3f}-"
               f"{np.percentile(pairs, 75):.3f})")

@@ -13,6 +13,7 @@ from tinygrad_llm.models.gpt import GPT, GPTConfig
 def threads(monkeypatch):
     """Three threads, every array split however small; afterwards one thread and each BLAS's
     own thread count again."""
+    blas.mkl()  # loaded (where installed) first: the counts below are those it leaves
     controllers = ThreadpoolController().select(user_api="blas").lib_controllers
     counts = [controller.num_threads for controller in controllers]
     monkeypatch.setattr(backend, "PARALLEL_MIN_ELEMENTS", 0)
@@ -21,10 +22,11 @@ def threads(monkeypatch):
     backend.set_num_threads(1)
     backend._threads = 1
     for controller, count in zip(controllers, counts, strict=True):
-        controller.set_num_threads(count)
-    if blas.mkl() is not None:  # its default for every thread, and none of this thread's own
-        blas.mkl().MKL_Set_Num_Threads(max(counts))
-        blas.mkl().MKL_Set_Num_Threads_Local(0)
+        if controller.internal_api == "mkl":  # every thread's count, none of this one's own
+            blas.mkl().MKL_Set_Num_Threads(count)
+            blas.mkl().MKL_Set_Num_Threads_Local(0)
+        else:  # NumPy's OpenBLAS (on one thread beside MKL, as blas.mkl() left it)
+            controller.set_num_threads(count)
 
 
 def test_the_helpers_cover_every_row_once(threads):

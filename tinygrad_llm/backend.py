@@ -226,7 +226,8 @@ def default_threads() -> int:
 
 def set_num_threads(threads: int | None = None) -> int:
     """Split CPU work over ``threads`` threads (default: ``default_threads()``): NumPy's BLAS on
-    one thread each, MKL's products on ``threads`` of its own. Returns the number used."""
+    one thread per call, MKL's products on ``threads`` of its own (one per call inside a split
+    op). Returns the number used."""
     global _threads, _pool
     threads = default_threads() if threads is None else int(threads)
     if threads < 1:
@@ -253,7 +254,9 @@ def _split(body, arrays, count: int, work: int) -> None:
     if _pool is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _pool = ThreadPoolExecutor(_threads - 1, thread_name_prefix="tinygrad-llm")
+        _pool = ThreadPoolExecutor(_threads - 1, thread_name_prefix="tinygrad-llm",
+                                   initializer=blas.one_thread_from_now)  # MKL: one each
+    blas.sleep_after_products()  # this thread's MKL products: their threads sleep right after
     bounds = [k * count // threads for k in range(threads + 1)]  # sizes differ by at most 1
     blocks = [[a[lo:hi] for a in arrays] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     others = [_pool.submit(body, *block) for block in blocks[1:]]

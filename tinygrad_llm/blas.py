@@ -30,6 +30,7 @@ sends every stack to ``np.matmul``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
@@ -103,44 +104,56 @@ def _load_mkl():
 
 
 def share_cores_with_threads(threads: int) -> bool:
-    """Set MKL up for the library's own threads (``backend.set_num_threads``): a product MKL
-    runs for the calling thread uses ``threads`` threads; for any other thread -- the library's
-    workers, each multiplying its own share of a split op -- one. And MKL's threads sleep as soon
-    as a product ends, where Intel's OpenMP lets them spin for 200 ms by default, taking a core
-    from the elementwise work that follows (a 6 x 384 training step was 8% slower that way, and
-    6% faster than without the workers once they slept). GNU's OpenMP -- MKL's when PyTorch
-    was imported first -- has no such call and is left as PyTorch set it. Returns whether MKL is
-    loaded."""
+    """Set MKL up for the library's own threads (``backend.set_num_threads``): its products use
+    ``threads`` threads, except where the library's threads each multiply their own share of a
+    split op (``one_thread_here``, ``one_thread_from_now``). And MKL's threads sleep as soon as
+    a product ends (``sleep_after_products``). Returns whether MKL is loaded."""
     library = mkl()
     if library is None:
         return False
-    library.MKL_Set_Num_Threads(1)  # every thread's default ...
-    library.MKL_Set_Num_Threads_Local(threads)  # ... but this one's
-    from threadpoolctl import ThreadpoolController
-
-    for openmp in ThreadpoolController().select(internal_api="openmp").lib_controllers:
-        if openmp.prefix == "libiomp":  # Intel's OpenMP: ms to spin after a parallel region
-            ctypes.CDLL(openmp.filepath).kmp_set_blocktime(0)  # of this thread's (MKL's calls)
+    library.MKL_Set_Num_Threads(threads)  # every thread's ...
+    library.MKL_Set_Num_Threads_Local(0)  # ... this one's too (threadpoolctl set it to one)
+    sleep_after_products()
     return True
 
 
+_SLEEPING = threading.local()  # .done: sleep_after_products has run on this thread
+
+
+def sleep_after_products() -> None:
+    """Have MKL's threads sleep as soon as a product called from this thread ends. Intel's
+    OpenMP (MKL's, unless PyTorch was imported first) lets them spin for 200 ms by default,
+    taking a core from the library's threads that run next: a 6 x 384 training step with the
+    library's two threads was 8% slower that way, and 6% faster than without them once MKL's
+    slept. The setting is per calling thread; GNU's OpenMP (MKL's when PyTorch was imported
+    first) has no such call and is left as it is."""
+    if getattr(_SLEEPING, "done", False) or mkl() is None:
+        return
+    _SLEEPING.done = True
+    from threadpoolctl import ThreadpoolController
+
+    for openmp in ThreadpoolController().select(internal_api="openmp").lib_controllers:
+        if openmp.prefix == "libiomp":  # ms to spin after a parallel region this thread starts
+            ctypes.CDLL(openmp.filepath).kmp_set_blocktime(0)
+
+
+@contextlib.contextmanager
 def one_thread_here():
-    """A context in which MKL runs this thread's products on one thread (for its share of a
-    split op, while the other threads run theirs); a no-op without MKL."""
-    return _OneThread(mkl())
+    """Inside, MKL runs this thread's products on one thread (its share of a split op, while the
+    library's other threads run theirs); nothing changes without MKL."""
+    library = mkl()
+    before = 0 if library is None else library.MKL_Set_Num_Threads_Local(1)  # 0: none of its own
+    try:
+        yield
+    finally:
+        if library is not None:
+            library.MKL_Set_Num_Threads_Local(before)
 
 
-class _OneThread:
-    def __init__(self, library):
-        self.library, self.before = library, 0
-
-    def __enter__(self):
-        if self.library is not None:  # returns the thread's own setting before (0: none)
-            self.before = self.library.MKL_Set_Num_Threads_Local(1)
-
-    def __exit__(self, *exception):
-        if self.library is not None:
-            self.library.MKL_Set_Num_Threads_Local(self.before)
+def one_thread_from_now() -> None:
+    """MKL runs this thread's products on one thread from now on (for the library's workers)."""
+    if mkl() is not None:
+        mkl().MKL_Set_Num_Threads_Local(1)
 
 
 class _Batched(NamedTuple):
@@ -212,9 +225,9 @@ def _blas_layouts(a, b, out):
 
 
 def _numpy_matmul(a, b, out, add: bool) -> None:
-    if b.ndim > 2 and b.strides[-1] != b.itemsize:  # a stack of transposed matrices, such as
-        # attention's k^T: np.matmul took twice as long on (48, 64, 32) x (48, 32, 64) as with
-        # the stack copied contiguous first (the copy included)
+    if b.ndim > 2 and b.strides[-1] != b.itemsize and 0 not in b.strides:  # a stack of
+        # transposed matrices (not one broadcast), such as attention's k^T: np.matmul took twice
+        # as long on (48, 64, 32) x (48, 32, 64) as with the stack copied contiguous first
         b = np.ascontiguousarray(b)
     if add:
         out += a @ b

@@ -14,8 +14,8 @@ every kernel with it. An op calls its kernel only when ``enabled(xp, *arrays)``:
 NumPy, float32 or float64 and C-contiguous, numba imports, and ``TINYGRAD_LLM_CPU_KERNELS=0`` is
 not set (it switches them off, leaving the array code). Each kernel is compiled on its first call
 for each dtype (about a second) and cached on disk by numba after that. Each call runs on one
-thread: GELU and the softmax are called per block of rows or sequences from the library's threads
-(``--threads``), layer norm and AdamW once per array.
+thread: GELU, layer norm and the softmax are called per block of rows or sequences from the
+library's threads (``--threads``), AdamW once per array.
 
 Which ops have a kernel was decided by measurement (docs/performance.md): layer norm, AdamW,
 GELU, and attention's causal softmax and the softmax's backward. GELU's ``tanh`` and the
@@ -23,7 +23,8 @@ softmax's ``exp`` stay NumPy's, between compiled passes: numba calls the C libra
 ``tanh`` and ``exp``, 40x and 8x slower than NumPy's vectorized ones here.
 
 Sums and means accumulate in float64 (the ``0.0`` they start from), which is more exact than
-the float32 of the array code and costs no time here: the loops are bound by memory. They are
+the float32 of the array code; the passes over the elements run in the arrays' own dtype (a
+float64 scalar inside a float32 loop would make it a float64 loop: see each kernel). They are
 compiled with NumPy's error model: a division by zero gives inf or nan, as in the array code,
 where numba's default (Python's) tests every divisor and raises, which keeps a loop that divides
 from being vectorized -- AdamW's update took 38 ms on 10.7M floats that way, 12 ms now.
@@ -97,15 +98,17 @@ def _layer_norm_forward_rows(x, weight, bias, eps, y, xhat, rstd, mean):
         total = 0.0
         for j in range(width):
             total += x[i, j]
+        # the statistics go through arrays of x's dtype and are read back from them, so the
+        # passes over the row run in that dtype (a float64 scalar in a float32 loop makes it a
+        # float64 loop, 1.5x slower here)
         mean[i] = total / width
+        m = mean[i]
         squares = 0.0
         for j in range(width):
-            centered = x[i, j] - mean[i]
+            centered = x[i, j] - m
             squares += centered * centered
         rstd[i] = 1.0 / np.sqrt(squares / width + eps)  # 1 / std of the row
-        # the statistics read back from arrays of x's dtype: the last pass runs in that dtype
-        # (a float64 scalar would turn a float32 pass into a float64 one, half as fast)
-        m, r = mean[i], rstd[i]
+        r = rstd[i]
         for j in range(width):
             normalized = (x[i, j] - m) * r
             xhat[i, j] = normalized
@@ -140,15 +143,17 @@ def _layer_norm_backward_rows(g, xhat, weight, rstd, dx, dweight, dbias, means):
             dx[i, j] = rstd[i] * (g[i, j] * weight[j] - shift - xhat[i, j] * slope)
 
 
-def layer_norm_backward_rows(g, xhat, rstd, dx, *, weight, sums: list) -> None:
+def layer_norm_backward_rows(g, xhat, rstd, dx, *, weight, sums: dict) -> None:
     """dx of a block of rows (N, C) from g and the forward's xhat and rstd (N, 1), as
     ``fused._layer_norm_backward_rows``, in one pass that also sums the block's share of
-    dweight = sum(g x̂) and dbias = sum(g) over its rows (in float64), appended to ``sums``."""
+    dweight = sum(g x̂) and dbias = sum(g) over its rows (in float64): ``sums[address] =
+    (dweight, dbias)``, keyed by the address of the block's first row, so that the shares can
+    be added in the order of the rows (the same result on every run)."""
     width = xhat.shape[-1]
     dweight, dbias = np.zeros(width, np.float64), np.zeros(width, np.float64)
     _layer_norm_backward_rows(g, xhat, weight, rstd.reshape(-1), dx, dweight, dbias,
                               np.empty(2, g.dtype))
-    sums.append((dweight, dbias))
+    sums[g.ctypes.data] = dweight, dbias
 
 
 # ----------------------------------------------------------------------------------- AdamW

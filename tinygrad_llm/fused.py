@@ -349,11 +349,12 @@ class LayerNorm(Function):
         g = xp.ascontiguousarray(g)
         gx = None
         if self.compiled:  # dx, and each block's share of dw and db, in one compiled pass
-            gx, sums = xp.empty_like(g), []
+            gx, sums = xp.empty_like(g), {}
             rows = functools.partial(cpu_kernels.layer_norm_backward_rows, weight=self.weight,
                                      sums=sums)
             backend.parallel_rows(rows, g, xhat, rstd, gx)
-            gw, gb = (sum(parts).astype(self.weight.dtype) for parts in zip(*sums, strict=True))
+            dweights, dbiases = zip(*[sums[address] for address in sorted(sums)], strict=True)
+            gw, gb = (sum(shares).astype(self.weight.dtype) for shares in (dweights, dbiases))
             return (gx, gw) if not self.has_bias else (gx, gw, gb)
         if self.needs_input_grad[0] and self.fused:
             gx = cuda_kernels.layer_norm_backward(g, xhat, self.weight, rstd)
