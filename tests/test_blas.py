@@ -129,6 +129,9 @@ def test_gemm_of_what_blas_cannot_take():
     stepped = np.empty((6, 12), np.float32)[:, ::2]  # columns two apart: no BLAS layout
     blas.gemm(a, a.T, stepped)
     np.testing.assert_allclose(stepped, a @ a.T, rtol=1e-5)
+    untouched = np.full((6, 6), 7, np.float32)  # mkl_gemm declines, and writes nothing (not
+    assert not blas.mkl_gemm(half, half.T, untouched, bias=np.ones(6, np.float32))  # the bias)
+    assert (untouched == 7).all()
 
 
 def test_mkl_is_used_where_it_is_installed():

@@ -305,16 +305,13 @@ def parallel_batches(body, *arrays, work: int | None = None) -> None:
 
 def matmul(a, b, out=None, bias=None):
     """a @ b (+ bias) for a (N, K), b (K, M) and bias (M,) -> (N, M): with MKL one call on all
-    the threads (MKL's own, ``blas.share_cores_with_threads``), else the rows of ``a`` split
-    over the threads. MKL adds the bias as it writes the product (the output filled with the
-    bias first, then the product added: one pass over the output fewer)."""
+    the threads (MKL's own, ``blas.share_cores_with_threads``) that also adds the bias
+    (``blas.mkl_gemm``), else the rows of ``a`` split over the threads."""
     xp = get_array_module(a)
     if out is None:
         out = xp.empty((a.shape[0], b.shape[1]), np.result_type(a.dtype, b.dtype))
-    if xp is np and blas.mkl() is not None and blas.can_gemm(a, b, out):
-        if bias is not None:
-            out[...] = bias
-        return blas.gemm(a, b, out, add=bias is not None)
+    if xp is np and blas.mkl_gemm(a, b, out, bias=bias):
+        return out
 
     def rows_times_b(rows, into):  # on NumPy through blas.gemm: MKL when it is installed
         if xp is np:

@@ -237,19 +237,21 @@ def _numpy_matmul(a, b, out, add: bool) -> None:
         out[...] = a @ b
 
 
-def can_gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> bool:
-    """Whether ``gemm`` hands out = a @ b to MKL (else to ``np.matmul``)."""
-    return mkl() is not None and _blas_layouts(a, b, out) is not None
-
-
-def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False) -> np.ndarray:
-    """out[...] = a @ b (with ``add``: out += a @ b) for matrices a (M, K), b (K, N), out (M, N):
-    MKL's ``cblas_?gemm`` when MKL is installed, ``np.matmul`` otherwise. Returns ``out``."""
+def mkl_gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False,
+             bias: np.ndarray | None = None) -> bool:
+    """out[...] = a @ b (with ``add``: out += a @ b; with ``bias`` (N,): out[...] = a @ b +
+    bias) for matrices a (M, K), b (K, N), out (M, N) on MKL's ``cblas_?gemm``. The bias is
+    written into ``out`` first and the product added to it (beta = 1), as PyTorch's ``addmm``
+    does: a pass that only writes the output, where adding it after would read and write it.
+    Returns False, having done nothing, when MKL is not installed or cannot read these arrays
+    (``_blas_layouts``)."""
     library = mkl()
     layouts = None if library is None else _blas_layouts(a, b, out)
     if layouts is None:
-        _numpy_matmul(a, b, out, add)
-        return out
+        return False
+    if bias is not None:
+        out[...] = bias
+    beta = 1.0 if add or bias is not None else 0.0
     (trans_a, lda), (trans_b, ldb), ldc = layouts
     single = out.dtype == np.float32
     (m, k), n = a.shape, b.shape[1]
@@ -258,11 +260,19 @@ def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False) -> np
         rows, columns = (k, n) if trans_b == NO_TRANSPOSE else (n, k)
         (library.cblas_sgemv if single else library.cblas_dgemv)(
             ROW_MAJOR, TRANSPOSE if trans_b == NO_TRANSPOSE else NO_TRANSPOSE, rows, columns,
-            1.0, b.ctypes.data, ldb, a.ctypes.data, 1, 1.0 if add else 0.0, out.ctypes.data, 1)
-        return out
+            1.0, b.ctypes.data, ldb, a.ctypes.data, 1, beta, out.ctypes.data, 1)
+        return True
     (library.cblas_sgemm if single else library.cblas_dgemm)(
         ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb,
-        1.0 if add else 0.0, out.ctypes.data, ldc)
+        beta, out.ctypes.data, ldc)
+    return True
+
+
+def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False) -> np.ndarray:
+    """out[...] = a @ b (with ``add``: out += a @ b) for matrices a (M, K), b (K, N), out (M, N):
+    MKL's ``cblas_?gemm`` when it can (``mkl_gemm``), ``np.matmul`` otherwise. Returns ``out``."""
+    if not mkl_gemm(a, b, out, add):
+        _numpy_matmul(a, b, out, add)
     return out
 
 
