@@ -57,6 +57,26 @@ def test_slices_of_one_tensor_and_its_other_uses_add_up(device):
     np.testing.assert_allclose(backend.to_numpy(x.grad), expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("indices", [(0, 1, 2), (2, -3, 1), (0, 2), (1, 1, 0), (0, 1, (2, 1)),
+                                     ((0, ...), (1, slice(None)), (2, slice(None), slice(None)))])
+def test_slices_of_the_first_axis_fill_the_gradient_exactly(device, indices):
+    # slices x[i] that cover the first axis once each are written into an array that is not
+    # zeroed first; any other set (a gap, a repeat, a narrower slice) must still see zeros and
+    # sums: checked against the gradient worked out by hand, with nothing else adding to x
+    rng = np.random.default_rng(1)
+    data = rng.standard_normal((3, 2, 4))
+    x = Tensor(data, requires_grad=True, device=device)
+    expected = np.zeros_like(data)
+    total = None
+    for number, index in enumerate(indices):
+        weight = rng.standard_normal(data[index].shape)
+        term = (x[index] * Tensor(weight, device=device)).sum() * (number + 1.0)
+        total = term if total is None else total + term
+        expected[index] += weight * (number + 1.0)
+    total.backward()
+    np.testing.assert_allclose(backend.to_numpy(x.grad), expected, rtol=1e-12)
+
+
 def test_slices_of_a_permuted_view_hand_back_a_gradient_laid_out_as_its_source(device):
     # a GPT's qkv (B, T, 3C) -> (B, T, 3, H, D) -> permute -> q, k, v: the gradient reaching the
     # (B, T, 3, H, D) reshape must be C-contiguous there, so reshaping it back is a view

@@ -379,7 +379,8 @@ class Linear(Function):
         if not self.has_bias:
             return gx, gw
         if self.needs_input_grad[2]:
-            gb = g2.sum(axis=0, dtype=b_dtype)  # summed in the bias's own (float32) dtype
+            # summed in the bias's own dtype (float32 from a float16 product: NumPy's sum)
+            gb = sum_leading(g2) if g2.dtype == b_dtype else g2.sum(axis=0, dtype=b_dtype)
         return gx, gw, gb
 
 

@@ -67,24 +67,50 @@ class SliceGrad:
     """A gradient that is zero except at ``x[index]`` (a basic index: ints and slices), where it
     is ``values``: what ``x[index]`` hands back to ``x`` (``F.getitem``'s backward).
 
-    The backward walk keeps it in this form until a second gradient of ``x`` arrives or ``x``'s
-    turn comes. So the slices ``q, k, v = qkv[0], qkv[1], qkv[2]`` of one array fill one zeroed
-    array, slice by slice, instead of three full arrays summed in two more passes.
-    ``order``: x's axes in the order they lie in memory (``memory_order(x)``); the dense
-    gradient is laid out the same way, so that it reaches the array x was viewed from (e.g.
+    The backward walk keeps it in this form until a gradient of another kind arrives or ``x``'s
+    turn comes, and slices of one tensor join as ``parts`` (``plus``). So the slices ``q, k, v =
+    qkv[0], qkv[1], qkv[2]`` of one array are written into one new array, slice by slice,
+    instead of three full arrays summed in two more passes; when the parts are distinct
+    positions of the first axis that cover all of it, as those three do, the array is not even
+    zeroed first. ``order``: x's axes in the order they lie in memory (``memory_order(x)``); the
+    dense gradient is laid out the same way, so that it reaches the array x was viewed from (e.g.
     qkv before its permute) contiguous, and a reshape there needs no copy.
     """
 
     def __init__(self, shape: tuple, dtype, index, values, order=None):
-        self.shape, self.dtype, self.index, self.values = shape, dtype, index, values
+        self.shape, self.dtype = shape, dtype
+        self.parts = [(index, values)]  # (index, values) of each slice, in arrival order
         self.order = tuple(range(len(shape))) if order is None else tuple(order)
 
+    def plus(self, other: SliceGrad) -> SliceGrad:
+        """self + other, two SliceGrads of one tensor, still in parts."""
+        total = SliceGrad(self.shape, self.dtype, None, None, self.order)
+        total.parts = self.parts + other.parts
+        return total
+
     def dense(self):
-        xp = backend.get_array_module(self.values)
-        in_memory = xp.zeros(tuple(self.shape[axis] for axis in self.order), dtype=self.dtype)
+        xp = backend.get_array_module(self.parts[0][1])
+        tiles = self._tiles_first_axis()
+        allocate = xp.empty if tiles else xp.zeros  # every position written, or zeros between
+        in_memory = allocate(tuple(self.shape[axis] for axis in self.order), dtype=self.dtype)
         grad = in_memory.transpose(tuple(np.argsort(self.order)))  # axes back in x's order
-        grad[self.index] = self.values
+        for number, (index, values) in enumerate(self.parts):
+            if tiles or number == 0:  # no other part wrote here
+                grad[index] = values
+            else:  # parts may overlap: they add up
+                grad[index] += values
         return grad
+
+    def _tiles_first_axis(self) -> bool:
+        """Whether the parts are x[0], x[1], ... x[n - 1] (in any order, each once)."""
+        positions = []
+        for index, _ in self.parts:
+            first, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+            whole = all(i is Ellipsis or i == slice(None) for i in rest)
+            if not (whole and isinstance(first, (int, np.integer)) and not isinstance(first, bool)):
+                return False
+            positions.append(int(first) % self.shape[0])
+        return sorted(positions) == list(range(self.shape[0]))
 
 
 def memory_order(x) -> tuple:
@@ -97,10 +123,10 @@ def _add_gradients(total, new, owned: set):
     """total + new, two gradients of one tensor (arrays or ``SliceGrad``s). Adds in place into an
     array this walk made (its id in ``owned``), never into one a backward returned: a backward may
     hand the same array to several inputs."""
-    if isinstance(total, SliceGrad) and not isinstance(new, SliceGrad):
-        total, new = new, total  # the full array first
+    if isinstance(total, SliceGrad) and isinstance(new, SliceGrad):
+        return total.plus(new)  # made dense once, when the walk reaches the tensor
     if isinstance(total, SliceGrad):
-        total = total.dense()
+        total, new = new, total  # the full array first
     elif id(total) not in owned:
         if not isinstance(new, SliceGrad):
             total = total + new
@@ -109,7 +135,8 @@ def _add_gradients(total, new, owned: set):
         total = total.copy()
     owned.add(id(total))
     if isinstance(new, SliceGrad):
-        total[new.index] += new.values
+        for index, values in new.parts:
+            total[index] += values
     else:
         total += new
     return total
