@@ -10,7 +10,7 @@ from conftest import DEVICES
 
 from tinygrad_llm import Tensor, backend, no_grad
 from tinygrad_llm import functional as F
-from tinygrad_llm.tensor import array_on
+from tinygrad_llm.tensor import SliceGrad, array_on
 
 pytestmark = pytest.mark.parametrize("device", DEVICES)
 
@@ -75,6 +75,46 @@ def test_slices_of_the_first_axis_fill_the_gradient_exactly(device, indices):
         expected[index] += weight * (number + 1.0)
     total.backward()
     np.testing.assert_allclose(backend.to_numpy(x.grad), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("indices, tiles", [
+    ((0, 1, 2), True), ((2, -3, 1), True), ((0, ...), False), ((0, 2), False), ((1, 1, 0), False),
+    (((0, ...), (1, slice(None)), (2, slice(None), slice(None))), True),
+    ((0, 1, (2, 1)), False), ((0, 1, slice(2, 3)), False), ((0, 1, 2, ()), False)])
+def test_which_sets_of_slices_cover_the_first_axis(device, indices, tiles):
+    # the parts that may skip zeroing: x[i] (or x[i, ...], x[i, :, :]) for every i, once each
+    # (the same on every device: only the indices are looked at)
+    parts = [SliceGrad((3, 2, 4), np.float64, index, None) for index in indices]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total.join(part)
+    assert total._tiles_first_axis() is tiles
+
+
+@pytest.mark.parametrize("slice_first", [True, False])
+def test_a_slice_gradient_never_changes_an_array_a_backward_returned(device, slice_first):
+    # Add hands one gradient array to both of its inputs; adding a slice's gradient into t's
+    # share must not change u's
+    rng = np.random.default_rng(2)
+    t_data, u_data = rng.standard_normal((2, 3)), rng.standard_normal((2, 3))
+    w, v = rng.standard_normal(3), rng.standard_normal((2, 3))
+    t = Tensor(t_data, requires_grad=True, device=device)
+    u = Tensor(u_data, requires_grad=True, device=device)
+    sliced = (t[0] * Tensor(w, device=device)).sum()
+    added = ((t + u) * Tensor(v, device=device)).sum()
+    (sliced + added if slice_first else added + sliced).backward()
+    expected_t = v.copy()
+    expected_t[0] += w
+    np.testing.assert_allclose(backend.to_numpy(t.grad), expected_t, rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(u.grad), v, rtol=1e-12)
+
+
+def test_the_empty_index_hands_back_the_whole_gradient(device):
+    rng = np.random.default_rng(3)
+    data, w = rng.standard_normal((2, 3)), rng.standard_normal((2, 3))
+    x = Tensor(data, requires_grad=True, device=device)
+    (x[()] * Tensor(w, device=device)).sum().backward()
+    np.testing.assert_allclose(backend.to_numpy(x.grad), w, rtol=1e-12)
 
 
 def test_slices_of_a_permuted_view_hand_back_a_gradient_laid_out_as_its_source(device):

@@ -379,7 +379,9 @@ class Linear(Function):
         if not self.has_bias:
             return gx, gw
         if self.needs_input_grad[2]:
-            # summed in the bias's own dtype (float32 from a float16 product: NumPy's sum)
+            # db = the column sums of g2, in the bias's dtype: a BLAS (1, N) @ (N, out)
+            # (sum_leading) when g2 has it; under autocast g2 is float16 and the bias float32,
+            # and NumPy sums it into float32
             gb = sum_leading(g2) if g2.dtype == b_dtype else g2.sum(axis=0, dtype=b_dtype)
         return gx, gw, gb
 

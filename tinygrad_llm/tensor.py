@@ -68,13 +68,15 @@ class SliceGrad:
     is ``values``: what ``x[index]`` hands back to ``x`` (``F.getitem``'s backward).
 
     The backward walk keeps it in this form until a gradient of another kind arrives or ``x``'s
-    turn comes, and slices of one tensor join as ``parts`` (``plus``). So the slices ``q, k, v =
-    qkv[0], qkv[1], qkv[2]`` of one array are written into one new array, slice by slice,
-    instead of three full arrays summed in two more passes; when the parts are distinct
-    positions of the first axis that cover all of it, as those three do, the array is not even
-    zeroed first. ``order``: x's axes in the order they lie in memory (``memory_order(x)``); the
-    dense gradient is laid out the same way, so that it reaches the array x was viewed from (e.g.
-    qkv before its permute) contiguous, and a reshape there needs no copy.
+    turn comes, and the gradients of other slices of ``x`` join it as more parts (``join``; they
+    stay alive until then). So the slices ``q, k, v = qkv[0], qkv[1], qkv[2]`` of one array are
+    written into one new array, slice by slice, instead of three full arrays summed in two more
+    passes; and as those three cover the array once each, it is not even zeroed first (only
+    parts of the form ``x[i]``, ``x[i, ...]`` or ``x[i, :, ..]`` are recognised as covering;
+    any other set of parts gets a zeroed array, and they add up in it). ``order``: x's axes in
+    the order they lie in memory (``memory_order(x)``); the dense gradient is laid out the same
+    way, so that it reaches the array x was viewed from (e.g. qkv before its permute)
+    contiguous, and a reshape there needs no copy.
     """
 
     def __init__(self, shape: tuple, dtype, index, values, order=None):
@@ -82,11 +84,10 @@ class SliceGrad:
         self.parts = [(index, values)]  # (index, values) of each slice, in arrival order
         self.order = tuple(range(len(shape))) if order is None else tuple(order)
 
-    def plus(self, other: SliceGrad) -> SliceGrad:
-        """self + other, two SliceGrads of one tensor, still in parts."""
-        total = SliceGrad(self.shape, self.dtype, None, None, self.order)
-        total.parts = self.parts + other.parts
-        return total
+    def join(self, other: SliceGrad) -> SliceGrad:
+        """Add ``other``'s parts (a SliceGrad of the same tensor) to this one's: self + other."""
+        self.parts += other.parts
+        return self
 
     def dense(self):
         xp = backend.get_array_module(self.parts[0][1])
@@ -102,14 +103,17 @@ class SliceGrad:
         return grad
 
     def _tiles_first_axis(self) -> bool:
-        """Whether the parts are x[0], x[1], ... x[n - 1] (in any order, each once)."""
+        """Whether the parts are x[0], x[1], ... x[n - 1] (in any order, each once), each written
+        ``x[i]``, ``x[i, ...]`` or ``x[i, :, ...]``."""
         positions = []
         for index, _ in self.parts:
+            if index == ():  # x[()]: the whole of x, not recognised
+                return False
             first, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
             whole = all(i is Ellipsis or i == slice(None) for i in rest)
-            if not (whole and isinstance(first, (int, np.integer)) and not isinstance(first, bool)):
+            if not whole or not isinstance(first, int) or isinstance(first, bool):
                 return False
-            positions.append(int(first) % self.shape[0])
+            positions.append(first % self.shape[0])
         return sorted(positions) == list(range(self.shape[0]))
 
 
@@ -124,10 +128,10 @@ def _add_gradients(total, new, owned: set):
     array this walk made (its id in ``owned``), never into one a backward returned: a backward may
     hand the same array to several inputs."""
     if isinstance(total, SliceGrad) and isinstance(new, SliceGrad):
-        return total.plus(new)  # made dense once, when the walk reaches the tensor
+        return total.join(new)  # made dense once, when the walk reaches the tensor
     if isinstance(total, SliceGrad):
         total, new = new, total  # the full array first
-    elif id(total) not in owned:
+    if id(total) not in owned:
         if not isinstance(new, SliceGrad):
             total = total + new
             owned.add(id(total))
