@@ -132,6 +132,8 @@ def test_gemm_of_what_blas_cannot_take():
     untouched = np.full((6, 6), 7, np.float32)  # mkl_gemm declines, and writes nothing (not
     assert not blas.mkl_gemm(half, half.T, untouched, bias=np.ones(6, np.float32))  # the bias)
     assert (untouched == 7).all()
+    with pytest.raises(ValueError, match="do not go together"):  # the bias would overwrite out
+        blas.mkl_gemm(a, a.T, untouched, add=True, bias=np.ones(6, np.float32))
 
 
 def test_mkl_is_used_where_it_is_installed():

@@ -152,8 +152,9 @@ def one_thread_here():
 
 def one_thread_from_now() -> None:
     """MKL runs this thread's products on one thread from now on (for the library's workers)."""
-    if mkl() is not None:
-        mkl().MKL_Set_Num_Threads_Local(1)
+    library = mkl()
+    if library is not None:
+        library.MKL_Set_Num_Threads_Local(1)
 
 
 class _Batched(NamedTuple):
@@ -251,7 +252,10 @@ def mkl_gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False,
     written into ``out`` first and the product added to it (beta = 1), as PyTorch's ``addmm``
     does: a pass that only writes the output, where adding it after would read and write it.
     Returns False, having done nothing, when MKL is not installed or cannot read these arrays
-    (``_blas_layouts``)."""
+    (``_blas_layouts``). ``add`` and ``bias`` do not go together (the bias would overwrite what
+    ``out`` held)."""
+    if add and bias is not None:
+        raise ValueError("mkl_gemm: add=True and a bias do not go together")
     library = mkl()
     layouts = None if library is None else _blas_layouts(a, b, out)
     if layouts is None:

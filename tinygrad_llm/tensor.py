@@ -72,7 +72,7 @@ class SliceGrad:
     stay alive until then). So the slices ``q, k, v = qkv[0], qkv[1], qkv[2]`` of one array are
     written into one new array, slice by slice, instead of three full arrays summed in two more
     passes; and as those three cover the array once each, it is not even zeroed first (only
-    parts of the form ``x[i]``, ``x[i, ...]`` or ``x[i, :, ..]`` are recognised as covering;
+    parts of the form ``x[i]``, ``x[i, ...]`` or ``x[i, :, ...]`` are recognised as covering;
     any other set of parts gets a zeroed array, and they add up in it). ``order``: x's axes in
     the order they lie in memory (``memory_order(x)``); the dense gradient is laid out the same
     way, so that it reaches the array x was viewed from (e.g. qkv before its permute)
