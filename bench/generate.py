@@ -9,6 +9,12 @@ also generates in PyTorch eager with its own KV cache -- GPT-2's forward written
 ``torch.nn.functional`` under ``torch.inference_mode()`` -- and ``torch_kv_cache_tokens_per_s=``
 and ``ratio=`` (ours / PyTorch, both with the cache) are printed, with a check that PyTorch
 picked the same tokens.
+
+The two engines take turns, as in ``train_step.py``: ``--rounds`` rounds, each generating
+``--tokens`` tokens with the cache in both engines, ours first in the even rounds and PyTorch
+first in the odd ones, so that both meet the same drift of a shared machine (10-20% within a
+minute here). Each tokens/s figure is the median round's; ``ratio`` is the median over the rounds
+of PyTorch's time over ours, printed with the middle half of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 from train_step import blas_kernel  # bench/ is the script's own folder, first on sys.path
 
 from tinygrad_llm import backend
@@ -78,7 +85,12 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--prompt", default="Every effort moves you")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds of --tokens tokens with the KV cache, the engines taking "
+                             "turns (default 4)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     try:  # before our first product: MKL, loaded first, would bring Intel's OpenMP (libiomp5)
         import torch  # into the global symbols, and PyTorch's OpenMP calls would bind to it.
         # Imported first, PyTorch runs on its own libgomp, and our MKL on GNU's OpenMP too
@@ -95,31 +107,39 @@ def main(argv=None) -> None:
     print(f"BLAS: {blas_kernel()}")
     generate(model, [prompt], 3, temperature=0)  # warm up
 
-    rates, outputs = {}, {}
-    for name, use_cache in (("no_cache", False), ("kv_cache", True)):
-        start = time.perf_counter()
-        outputs[name] = generate(model, [prompt], args.tokens, temperature=0, use_cache=use_cache)
-        rates[name] = args.tokens / (time.perf_counter() - start)
-        print(f"{name}_tokens_per_s={rates[name]:.2f}")
-    same = outputs["no_cache"] == outputs["kv_cache"]
-    print(f"same tokens: {same}")
-    print(f"tokens_per_s={rates['kv_cache']:.2f}")
-    print(f"speedup={rates['kv_cache'] / rates['no_cache']:.2f}")
+    start = time.perf_counter()
+    uncached = generate(model, [prompt], args.tokens, temperature=0, use_cache=False)
+    no_cache_rate = args.tokens / (time.perf_counter() - start)
+    print(f"no_cache_tokens_per_s={no_cache_rate:.2f}")
+    if torch is not None and len(prompt) + args.tokens > model.config.context_length:
+        print("(longer than the context: no PyTorch comparison, which does not crop)")
+        torch = None
+    device = "cuda" if backend.normalize_device(args.device) == "cuda" else "cpu"
+    engines = {"ours": lambda: generate(model, [prompt], args.tokens, temperature=0)[0]}
+    if torch is not None:
+        torch_generate(model, prompt, 3, device)  # warm up
+        engines["torch"] = lambda: torch_generate(model, prompt, args.tokens, device)
+    seconds, tokens = {name: [] for name in engines}, {}
+    for round_index in range(args.rounds):  # the engines take turns: ours first, then PyTorch
+        for name in (list(engines) if round_index % 2 == 0 else list(reversed(engines))):
+            start = time.perf_counter()
+            tokens[name] = engines[name]()
+            seconds[name].append(time.perf_counter() - start)
+    rate = {name: args.tokens / float(np.median(times)) for name, times in seconds.items()}
+    print(f"kv_cache_tokens_per_s={rate['ours']:.2f}  (median of {args.rounds} rounds)")
+    print(f"same tokens: {uncached[0] == tokens['ours']}")
+    print(f"tokens_per_s={rate['ours']:.2f}")
+    print(f"speedup={rate['ours'] / no_cache_rate:.2f}")
     if torch is None:
         print("(PyTorch not installed: no comparison)")
         return
-    if len(prompt) + args.tokens > model.config.context_length:
-        print("(longer than the context: no PyTorch comparison, which does not crop)")
-        return
-    device = "cuda" if backend.normalize_device(args.device) == "cuda" else "cpu"
-    torch_generate(model, prompt, 3, device)  # warm up
-    start = time.perf_counter()
-    theirs = torch_generate(model, prompt, args.tokens, device)
-    rate = args.tokens / (time.perf_counter() - start)
-    print(f"torch_kv_cache_tokens_per_s={rate:.2f}  (PyTorch {torch.__version__} eager, "
+    print(f"torch_kv_cache_tokens_per_s={rate['torch']:.2f}  (PyTorch {torch.__version__} eager, "
           f"{torch.get_num_threads()} threads)")
-    print(f"torch same tokens: {theirs == outputs['kv_cache'][0]}")
-    print(f"ratio={rates['kv_cache'] / rate:.3f}")
+    print(f"torch same tokens: {tokens['torch'] == tokens['ours']}")
+    ratios = np.array(seconds["torch"]) / np.array(seconds["ours"])  # per round: theirs / ours
+    print(f"ratio={float(np.median(ratios)):.3f}  (median over {args.rounds} rounds, the engines "
+          f"taking turns; the middle half of the rounds: {np.percentile(ratios, 25):.3f}-"
+          f"{np.percentile(ratios, 75):.3f})")
 
 
 if __name__ == "__main__":

@@ -185,6 +185,28 @@ def test_backend_matmul_adds_the_bias_as_numpy_would(mkl, threads, monkeypatch):
                                        rtol=1e-5 if dtype == np.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_one_row_products_small_to_numpy_large_to_mkl(transposed, monkeypatch):
+    # decoding multiplies one row by a weight matrix (a tied LM head's is transposed): up to
+    # SMALL_GEMV_ELEMENTS elements mkl_gemm declines (NumPy's call is cheaper), above it MKL's
+    # sgemv takes it where MKL is installed; backend.matmul gives a @ b + bias either way
+    from tinygrad_llm import backend
+
+    monkeypatch.setattr(blas, "SMALL_GEMV_ELEMENTS", 40 * 30)
+    rng = np.random.default_rng(8)
+    for k, n, small in ((40, 30, True), (40, 31, False)):
+        a = stack(rng, (1, k), np.float32)
+        b = stack(rng, (k, n), np.float32, transposed=transposed)
+        bias = rng.standard_normal(n).astype(np.float32)
+        out = np.full((1, n), 7, np.float32)
+        taken = blas.mkl_gemm(a, b, out, bias=bias)
+        assert taken == (not small and blas.mkl() is not None)
+        if not taken:
+            assert (out == 7).all()  # declined: nothing written
+        np.testing.assert_allclose(backend.matmul(a, b, bias=bias), a @ b + bias, rtol=1e-5,
+                                   atol=1e-5)
+
+
 def test_mkl_shares_the_cores_with_the_library_threads():
     # set_num_threads with MKL: its products on all the threads, from any thread; on one inside
     # one_thread_here (the caller's block of a split op) and on a thread after

@@ -14,7 +14,7 @@ import pytest
 from conftest import DEVICES
 from hypothesis import given
 
-from tinygrad_llm import Tensor, backend
+from tinygrad_llm import Tensor, backend, no_grad
 from tinygrad_llm import functional as F
 from tinygrad_llm.gradcheck import check_gradients
 
@@ -421,6 +421,42 @@ def test_causal_attention_in_blocks_of_queries(device, data, rows, cached_mask):
         patch.setattr(fused, "CAUSAL_BLOCK_ROWS", rows)
         assert_op(fn, lambda q_, k_, v_: attention_reference(q_, k_, v_, True), [q, k, v],
                   device)
+
+
+@given(data=st.data(), how=st.sampled_from(["causal", "cached causal", "padding"]))
+def test_one_query_without_gradients_equals_the_reference(device, data, how):
+    # decoding: one query per sequence and head under no_grad takes its own short path on the
+    # CPU (fused._one_query_attention); it must give what the general op gives
+    from tinygrad_llm import fused
+
+    batch, heads, dim = (data.draw(st.integers(1, 3)) for _ in range(3))
+    tk = data.draw(st.integers(1, 9))
+    q = data.draw(arrays((batch, heads, 1, dim)))
+    k, v = data.draw(arrays((batch, heads, tk, dim))), data.draw(arrays((batch, heads, tk, dim)))
+    allowed = data.draw(hnp.arrays(bool, (batch, tk))) if how == "padding" else np.ones((1, tk),
+                                                                                       bool)
+    allowed[:, -1] = True  # the query always sees itself
+    xp = backend.array_module(device)
+    calls = []
+    real = fused._one_query_attention
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "_one_query_attention", lambda *a: calls.append(1) or real(*a))
+        with no_grad():
+            tensors = [Tensor(a, device=device) for a in (q, k, v)]
+            if how == "causal":
+                out = F.scaled_dot_product_attention(*tensors, causal=True)
+            else:  # additive, as GPT passes it: (1, Tk) causal, or (B, 1, 1, Tk) with padding
+                blocked = F.causal_mask(1, tk, xp) | ~xp.asarray(allowed)[:, None, None, :]
+                mask = F.make_additive_mask(blocked if how == "padding" else blocked[0, 0],
+                                            np.float64)
+                out = F.scaled_dot_product_attention(*tensors, causal=False, additive_mask=mask,
+                                                     mask_is_causal=how == "cached causal")
+    expected = attention_reference(q, k, v, False, None)
+    if how == "padding":
+        expected = np.stack([attention_reference(q[b:b + 1], k[b:b + 1], v[b:b + 1], False,
+                                                 allowed[b][None, :])[0] for b in range(batch)])
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-10)
+    assert len(calls) == (device == "cpu")  # the short path on the CPU only
 
 
 @pytest.mark.parametrize("tk", [5, 8])
