@@ -2,19 +2,20 @@
 
     python bench/generate.py                      # gpt2 preset (124M), random weights, CPU
 
-Generates ``--tokens`` tokens greedily from a short prompt, once recomputing the whole sequence
-at every step and once with the KV cache, and prints both rates and ``speedup=<x>``. Both runs
-produce the same tokens (checked). With PyTorch installed, the same model (the same weights)
-also generates in PyTorch eager with its own KV cache -- GPT-2's forward written with
+Generates ``--tokens`` tokens greedily from a short prompt: once recomputing the whole sequence
+at every step (``no_cache_tokens_per_s=``, one run), and ``--rounds`` times with the KV cache
+(``kv_cache_tokens_per_s=``, the median round), and prints ``speedup=<x>``, the second over the
+first. Both produce the same tokens (checked). With PyTorch installed, the same model (the same
+weights) also generates in PyTorch eager with its own KV cache -- GPT-2's forward written with
 ``torch.nn.functional`` under ``torch.inference_mode()`` -- and ``torch_kv_cache_tokens_per_s=``
 and ``ratio=`` (ours / PyTorch, both with the cache) are printed, with a check that PyTorch
 picked the same tokens.
 
-The two engines take turns, as in ``train_step.py``: ``--rounds`` rounds, each generating
-``--tokens`` tokens with the cache in both engines, ours first in the even rounds and PyTorch
-first in the odd ones, so that both meet the same drift of a shared machine (10-20% within a
-minute here). Each tokens/s figure is the median round's; ``ratio`` is the median over the rounds
-of PyTorch's time over ours, printed with the middle half of the rounds' ratios.
+With the cache the two engines take turns, as in ``train_step.py``: each round generates
+``--tokens`` tokens in both, ours first in the even rounds and PyTorch first in the odd ones, so
+that both meet the same drift of a shared machine (10-20% within a minute here). Each cached
+tokens/s figure is the median round's; ``ratio`` is the median over the rounds of PyTorch's time
+over ours, printed with the middle half of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -31,14 +32,22 @@ from tinygrad_llm.models.gpt import GPT, preset
 from tinygrad_llm.tokenizer import GPT2Tokenizer
 
 
-def torch_generate(model, prompt: list[int], new_tokens: int, device: str) -> list[int]:
-    """Greedy generation with a KV cache in PyTorch eager, from our model's weights."""
+def torch_weights(model, device: str) -> dict:
+    """Our model's weights as PyTorch tensors on ``device`` (made once, outside the timing)."""
+    import torch
+
+    return {name: torch.from_numpy(backend.to_numpy(array)).to(device)
+            for name, array in model.state_dict().items()}
+
+
+def torch_generate(model, weights: dict, prompt: list[int], new_tokens: int,
+                   device: str) -> list[int]:
+    """Greedy generation with a KV cache in PyTorch eager, from our model's weights
+    (``torch_weights``)."""
     import torch
     import torch.nn.functional as TF
 
     config = model.config
-    weights = {name: torch.from_numpy(backend.to_numpy(array)).to(device)
-               for name, array in model.state_dict().items()}
     head = weights["wte.weight"] if config.tie_weights else weights["lm_head.weight"]
     H, C = config.n_head, config.n_embd
     caches: list[tuple] = [(None, None)] * config.n_layer
@@ -111,14 +120,14 @@ def main(argv=None) -> None:
     uncached = generate(model, [prompt], args.tokens, temperature=0, use_cache=False)
     no_cache_rate = args.tokens / (time.perf_counter() - start)
     print(f"no_cache_tokens_per_s={no_cache_rate:.2f}")
-    if torch is not None and len(prompt) + args.tokens > model.config.context_length:
-        print("(longer than the context: no PyTorch comparison, which does not crop)")
-        torch = None
+    fits = len(prompt) + args.tokens <= model.config.context_length
+    compare = torch is not None and fits  # PyTorch's forward here does not crop the context
     device = "cuda" if backend.normalize_device(args.device) == "cuda" else "cpu"
     engines = {"ours": lambda: generate(model, [prompt], args.tokens, temperature=0)[0]}
-    if torch is not None:
-        torch_generate(model, prompt, 3, device)  # warm up
-        engines["torch"] = lambda: torch_generate(model, prompt, args.tokens, device)
+    if compare:
+        weights = torch_weights(model, device)
+        torch_generate(model, weights, prompt, 3, device)  # warm up
+        engines["torch"] = lambda: torch_generate(model, weights, prompt, args.tokens, device)
     seconds, tokens = {name: [] for name in engines}, {}
     for round_index in range(args.rounds):  # the engines take turns: ours first, then PyTorch
         for name in (list(engines) if round_index % 2 == 0 else list(reversed(engines))):
@@ -130,8 +139,9 @@ def main(argv=None) -> None:
     print(f"same tokens: {uncached[0] == tokens['ours']}")
     print(f"tokens_per_s={rate['ours']:.2f}")
     print(f"speedup={rate['ours'] / no_cache_rate:.2f}")
-    if torch is None:
-        print("(PyTorch not installed: no comparison)")
+    if not compare:
+        print("(PyTorch not installed: no comparison)" if torch is None else
+              "(longer than the context: no PyTorch comparison, which does not crop)")
         return
     print(f"torch_kv_cache_tokens_per_s={rate['torch']:.2f}  (PyTorch {torch.__version__} eager, "
           f"{torch.get_num_threads()} threads)")

@@ -423,40 +423,76 @@ def test_causal_attention_in_blocks_of_queries(device, data, rows, cached_mask):
                   device)
 
 
-@given(data=st.data(), how=st.sampled_from(["causal", "cached causal", "padding"]))
-def test_one_query_without_gradients_equals_the_reference(device, data, how):
-    # decoding: one query per sequence and head under no_grad takes its own short path on the
-    # CPU (fused._one_query_attention); it must give what the general op gives
-    from tinygrad_llm import fused
-
+def one_query_inputs(data, how):
+    """q (B, H, 1, D), k, v (B, H, Tk, D) and the keys each sequence may see (B, Tk): all of
+    them, or some padding blocked ("padding"); the query always sees its own (last) key."""
     batch, heads, dim = (data.draw(st.integers(1, 3)) for _ in range(3))
     tk = data.draw(st.integers(1, 9))
     q = data.draw(arrays((batch, heads, 1, dim)))
     k, v = data.draw(arrays((batch, heads, tk, dim))), data.draw(arrays((batch, heads, tk, dim)))
-    allowed = data.draw(hnp.arrays(bool, (batch, tk))) if how == "padding" else np.ones((1, tk),
-                                                                                       bool)
-    allowed[:, -1] = True  # the query always sees itself
-    xp = backend.array_module(device)
+    if how == "padding":
+        allowed = data.draw(hnp.arrays(bool, (batch, tk)))
+    else:
+        allowed = np.ones((batch, tk), bool)
+    allowed[:, -1] = True
+    return q, k, v, allowed
+
+
+def one_query_attention(tensors, how, allowed, dtype):
+    """The op as GPT calls it: ``causal``, or the additive mask it caches: (1, Tk) causal, or
+    (B, 1, 1, Tk) with padding."""
+    if how == "causal":
+        return F.scaled_dot_product_attention(*tensors, causal=True)
+    xp = backend.array_module(tensors[0].device)
+    blocked = F.causal_mask(1, allowed.shape[1], xp) | ~xp.asarray(allowed)[:, None, None, :]
+    mask = F.make_additive_mask(blocked if how == "padding" else blocked[0, 0], dtype)
+    return F.scaled_dot_product_attention(*tensors, causal=False, additive_mask=mask,
+                                          mask_is_causal=how == "cached causal")
+
+
+@given(data=st.data(), how=st.sampled_from(["causal", "cached causal", "padding"]))
+def test_one_query_without_gradients_equals_the_reference(device, data, how):
+    # decoding: one query per sequence and head under no_grad takes its own short path on the
+    # CPU (fused._one_query_attention); it must give what the formula gives
+    from tinygrad_llm import fused
+
+    q, k, v, allowed = one_query_inputs(data, how)
     calls = []
     real = fused._one_query_attention
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fused, "_one_query_attention", lambda *a: calls.append(1) or real(*a))
-        with no_grad():
-            tensors = [Tensor(a, device=device) for a in (q, k, v)]
-            if how == "causal":
-                out = F.scaled_dot_product_attention(*tensors, causal=True)
-            else:  # additive, as GPT passes it: (1, Tk) causal, or (B, 1, 1, Tk) with padding
-                blocked = F.causal_mask(1, tk, xp) | ~xp.asarray(allowed)[:, None, None, :]
-                mask = F.make_additive_mask(blocked if how == "padding" else blocked[0, 0],
-                                            np.float64)
-                out = F.scaled_dot_product_attention(*tensors, causal=False, additive_mask=mask,
-                                                     mask_is_causal=how == "cached causal")
-    expected = attention_reference(q, k, v, False, None)
-    if how == "padding":
-        expected = np.stack([attention_reference(q[b:b + 1], k[b:b + 1], v[b:b + 1], False,
-                                                 allowed[b][None, :])[0] for b in range(batch)])
+
+    def counted(*args):
+        calls.append(args)
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as patch, no_grad():
+        patch.setattr(fused, "_one_query_attention", counted)
+        out = one_query_attention([Tensor(a, device=device) for a in (q, k, v)], how, allowed,
+                                  np.float64)
+    expected = np.stack([attention_reference(q[b:b + 1], k[b:b + 1], v[b:b + 1], False,
+                                             allowed[b][None, :])[0] for b in range(len(q))])
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-10)
     assert len(calls) == (device == "cpu")  # the short path on the CPU only
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_one_query_path_equals_the_general_path_in_its_dtype(device, dtype):
+    # the same op with gradients wanted runs the general path: both in float32 and float16 (where
+    # scores of 40 * 40 * 64 = 102,400 overflow unless q is scaled before the product)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 3, t, 64)).astype(dtype) for t in (1, 7, 7))
+    q[0, 0], k[0, 0] = 40, 40
+    allowed = np.ones((2, 7), bool)
+    allowed[1, :3] = False  # left padding in the second sequence
+    for how in ("cached causal", "padding"):
+        with no_grad():
+            short = one_query_attention([Tensor(a, device=device) for a in (q, k, v)], how,
+                                        allowed, dtype).numpy()
+        general = one_query_attention([Tensor(a, device=device, requires_grad=True)
+                                       for a in (q, k, v)], how, allowed, dtype).numpy()
+        assert short.dtype == general.dtype == dtype
+        assert np.isfinite(short).all()
+        np.testing.assert_allclose(short, general, rtol=1e-2 if dtype == np.float16 else 1e-5,
+                                   atol=1e-2 if dtype == np.float16 else 1e-6)
 
 
 @pytest.mark.parametrize("tk", [5, 8])

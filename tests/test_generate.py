@@ -106,6 +106,29 @@ def test_kv_cache_gives_the_tokens_of_full_recomputation(model):
     assert len(set(map(tuple, cached))) > 1  # the prompts really lead to different outputs
 
 
+def test_unwritten_cache_positions_are_never_read(model, monkeypatch):
+    # KVCache's buffers are left unfilled (empty): with NaN where nothing was written yet, a read
+    # of such a position would turn the logits into NaN. Left padding included (a batch).
+    new_kv_cache = type(model).new_kv_cache
+
+    def poisoned(self, batch):
+        caches = new_kv_cache(self, batch)
+        for cache in caches:
+            cache.k[...] = np.nan
+            cache.v[...] = np.nan
+        return caches
+
+    monkeypatch.setattr(type(model), "new_kv_cache", poisoned)
+    prompts = [[1, 5, 2], [7], [3, 3, 3, 3]]
+    with no_grad():
+        caches = model.new_kv_cache(1)
+        logits = [model(np.array([[4, 1, 7]]), caches).numpy()]
+        logits += [model(np.array([[t]]), caches).numpy() for t in (2, 9)]
+    assert np.isfinite(np.concatenate(logits, axis=1)).all()
+    cached = generate(model, prompts, 6, temperature=0, use_cache=True)
+    assert cached == generate(model, prompts, 6, temperature=0, use_cache=False)
+
+
 def test_kv_cache_logits_match_a_full_forward(model):
     ids = np.array([[4, 1, 7, 7, 2, 9]])
     with no_grad():

@@ -230,8 +230,9 @@ COPY_TRANSPOSED_MIN_ROWS = 16  # see _numpy_matmul
 # declines it): decoding a token of the baby model multiplies one row by 128 x 384 .. 512 x 128
 # weights, which took 15-21 us through np.matmul and 32-39 us through MKL's sgemv, whose call
 # from Python (the layout checks, three addresses, ctypes' conversions) costs more than the
-# product. From 384 x 1152 on, MKL's two threads read the weights faster (73 vs 82 us there).
-SMALL_GEMV_ELEMENTS = 1 << 17
+# product; 384 x 384: 30 against 37 us. From 512 x 512 on, MKL's two threads read the weights
+# faster (46 against 52 us; 384 x 1152: 75 against 85).
+SMALL_GEMV_ELEMENTS = 200_000
 
 
 def _numpy_matmul(a, b, out, add: bool) -> None:

@@ -499,6 +499,8 @@ class ScaledDotProductAttention(Function):
             out, self.lse = cuda_kernels.flash_attention_forward(q, k, v, scale)
             self.q, self.k, self.v, self.out = q, k, v, out
             return out
+        # decoding on the CPU without gradients: one query, which sees every key, in a few
+        # NumPy calls (nothing saved for a backward)
         if (xp is np and q.shape[-2] == 1 and dropout_p == 0 and not any(self.needs_input_grad)
                 and q.dtype == k.dtype == v.dtype and (mask is None or mask.dtype == q.dtype)):
             return _one_query_attention(q, k, v, None if mask_is_causal else mask, scale)
@@ -614,15 +616,13 @@ class ScaledDotProductAttention(Function):
 
 
 def _one_query_attention(q, k, v, mask, scale):
-    """Decoding on the CPU without gradients: one query per sequence and head, q (B, H, 1, D)
-    against k, v (B, H, Tk, D) -> (B, H, 1, D), as the array code of the forward. A decoding
-    step runs this once per layer, right after the weights of a whole layer have streamed
-    through the caches; the few NumPy calls here replace the general path's bookkeeping (blocks,
-    threads, compiled passes), which took 2-3x as long as the arithmetic on (1, 12, 1, 64)
-    queries. The last query sees every key, so a causal mask (``mask`` None) changes nothing;
-    any other mask (padding: (B, 1, 1, Tk)) is added."""
+    """softmax(q k^T s + mask) v for one query per sequence and head: q (B, H, 1, D), k and v
+    (B, H, Tk, D) -> (B, H, 1, D); the general forward's formula without its blocks, threads
+    and compiled passes, which cost more than this arithmetic when decoding (docs/performance.md,
+    "Decoding"). The last query sees every key, so a causal mask is passed as None; any other
+    mask (padding: (B, 1, 1, Tk)) is added."""
+    q = q * scale  # before the product, as the general forward does: float16 scores stay finite
     scores = np.matmul(q, k.swapaxes(-1, -2))  # (B, H, 1, D) @ (B, H, D, Tk) -> (B, H, 1, Tk)
-    scores *= scale
     if mask is not None:
         scores += mask
     scores -= scores.max(axis=-1, keepdims=True)  # softmax over the keys, in place

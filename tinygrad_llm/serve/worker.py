@@ -46,6 +46,8 @@ class SlotCache:
     """
 
     def __init__(self, slots: int, n_head: int, context_length: int, head_dim: int, xp, dtype):
+        # zeros, unlike KVCache's empty buffers: a shorter row's columns beyond its length are
+        # read (masked out), and a NaN left there would turn even a zero weight into NaN
         self.k = xp.zeros((slots, n_head, context_length, head_dim), dtype=dtype)
         self.v = xp.zeros_like(self.k)
         self.lengths = np.zeros(slots, dtype=np.int64)  # positions filled, per row
