@@ -28,7 +28,7 @@ from train_step import blas_kernel  # bench/ is the script's own folder, first o
 
 from tinygrad_llm import backend
 from tinygrad_llm.generate import generate
-from tinygrad_llm.models.gpt import GPT, preset
+from tinygrad_llm.models.gpt import GPT, PRESETS, preset
 from tinygrad_llm.tokenizer import GPT2Tokenizer
 
 
@@ -90,7 +90,7 @@ def torch_generate(model, weights: dict, prompt: list[int], new_tokens: int,
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="gpt2")
+    parser.add_argument("--preset", default="gpt2", choices=list(PRESETS))
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--prompt", default="Every effort moves you")
     parser.add_argument("--device", default="cpu")
@@ -98,8 +98,9 @@ def main(argv=None) -> None:
                         help="rounds of --tokens tokens with the KV cache, the engines taking "
                              "turns (default 4)")
     args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.rounds < 1 or args.tokens < 1:
+        parser.error(f"--rounds and --tokens must be at least 1, got {args.rounds} and "
+                     f"{args.tokens}")
     try:  # before our first product: MKL, loaded first, would bring Intel's OpenMP (libiomp5)
         import torch  # into the global symbols, and PyTorch's OpenMP calls would bind to it.
         # Imported first, PyTorch runs on its own libgomp, and our MKL on GNU's OpenMP too
