@@ -24,7 +24,9 @@ import argparse
 import time
 
 import numpy as np
-from train_step import blas_kernel  # bench/ is the script's own folder, first on sys.path
+
+# bench/ is the script's own folder, first on sys.path
+from train_step import blas_kernel, ratio_line
 
 from tinygrad_llm import backend
 from tinygrad_llm.generate import generate
@@ -147,10 +149,7 @@ def main(argv=None) -> None:
     print(f"torch_kv_cache_tokens_per_s={rate['torch']:.2f}  (PyTorch {torch.__version__} eager, "
           f"{torch.get_num_threads()} threads)")
     print(f"torch same tokens: {tokens['torch'] == tokens['ours']}")
-    ratios = np.array(seconds["torch"]) / np.array(seconds["ours"])  # per round: theirs / ours
-    print(f"ratio={float(np.median(ratios)):.3f}  (median over {args.rounds} rounds, the engines "
-          f"taking turns; the middle half of the rounds: {np.percentile(ratios, 25):.3f}-"
-          f"{np.percentile(ratios, 75):.3f})")
+    print(ratio_line(np.array(seconds["torch"]) / np.array(seconds["ours"])))  # theirs / ours
 
 
 if __name__ == "__main__":

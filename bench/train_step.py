@@ -170,6 +170,14 @@ def time_steps(engines, batch_count: int, warmup: int) -> list:
     return seconds
 
 
+def ratio_line(pairs) -> str:
+    """``ratio=`` from the rounds' ratios (PyTorch's time over ours, one per round): their median,
+    and the middle half of them -- their spread is the noise of the run."""
+    return (f"ratio={float(np.median(pairs)):.3f}  (median over {len(pairs)} rounds, the engines "
+            f"taking turns; the middle half of the rounds: {np.percentile(pairs, 25):.3f}-"
+            f"{np.percentile(pairs, 75):.3f})")
+
+
 def profile_steps(step, data, sync=lambda: None) -> None:
     """Run ``step`` over ``data`` with a timer around every Function's forward and backward, the
     optimizer and the clipping; print the ops by total time. The timers add a little overhead
@@ -379,9 +387,7 @@ def main(argv=None) -> None:
         pairs = np.array(seconds[1]) / np.array(seconds[0])  # PyTorch's time / ours, by round
         print(f"torch_tokens_per_s={tokens / median[1]:.1f}  (PyTorch {torch_engine.version} "
               f"eager, {torch_engine.threads} threads, in a process of its own)")
-        print(f"ratio={float(np.median(pairs)):.3f}  (median over {len(pairs)} rounds, the engines "
-              f"taking turns; the middle half of the rounds: {np.percentile(pairs, 25):.3f}-"
-              f"{np.percentile(pairs, 75):.3f})")
+        print(ratio_line(pairs))
     if args.profile:
         profile_steps(ours_step, data[args.warmup:], ours_sync)
 

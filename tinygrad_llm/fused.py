@@ -550,9 +550,7 @@ class ScaledDotProductAttention(Function):
             else:
                 if block_mask is not None:
                     probs += block_mask  # additive: 0 = may attend, the float minimum = blocked
-                probs -= probs.max(axis=-1, keepdims=True)  # softmax over the keys, in place
-                xp.exp(probs, out=probs)
-                probs *= 1 / sum_last(probs)
+                _softmax_in_place(probs)  # over the keys
             dropped = probs if keep is None else probs * keep
             _matmul_into(dropped, v, out)  # (.., Tq, Tk) @ (.., Tk, D) -> (.., Tq, D)
 
@@ -625,10 +623,16 @@ def _one_query_attention(q, k, v, mask, scale):
     scores = np.matmul(q, k.swapaxes(-1, -2))  # (B, H, 1, D) @ (B, H, D, Tk) -> (B, H, 1, Tk)
     if mask is not None:
         scores += mask
-    scores -= scores.max(axis=-1, keepdims=True)  # softmax over the keys, in place
-    np.exp(scores, out=scores)
-    scores *= 1 / scores.sum(axis=-1, keepdims=True)
+    _softmax_in_place(scores)  # over the keys
     return np.matmul(scores, v)  # (B, H, 1, Tk) @ (B, H, Tk, D) -> (B, H, 1, D)
+
+
+def _softmax_in_place(scores) -> None:
+    """scores (..., Tk) -> softmax over the last axis, written back into ``scores``: the row's
+    maximum subtracted first (exp never overflows), then exp, then each row divided by its sum."""
+    scores -= scores.max(axis=-1, keepdims=True)
+    get_xp(scores).exp(scores, out=scores)
+    scores *= 1 / sum_last(scores)
 
 
 def _matmul_into(a, b, out, add: bool = False) -> None:
