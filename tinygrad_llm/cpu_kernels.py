@@ -13,14 +13,18 @@ wherever numba is not installed (or does not import), and ``tests/test_cpu_kerne
 every kernel with it. An op calls its kernel only when ``enabled(xp, *arrays)``: the arrays are
 NumPy, float32 or float64 and C-contiguous, numba imports, and ``TINYGRAD_LLM_CPU_KERNELS=0`` is
 not set (it switches them off, leaving the array code). Each kernel is compiled on its first call
-for each dtype (about a second) and cached on disk by numba after that. Each call runs on one
-thread: GELU, layer norm and the softmax are called per block of rows or sequences from the
-library's threads (``--threads``), AdamW once per array.
+for each dtype (about a second) and cached on disk by numba after that.
+
+Threads: with MKL installed (``pip install "tinygrad-llm[mkl]"``), a kernel on an array of
+PARALLEL_MIN_ELEMENTS or more splits its rows over the team of threads that runs MKL's products
+("threads: MKL's team of threads" below says how and why); otherwise, and inside a share of an
+op the library's own threads split (``--threads``), it runs on the thread that called it.
 
 Which ops have a kernel was decided by measurement (docs/performance.md): layer norm, AdamW,
-GELU, and attention's causal softmax and the softmax's backward. GELU's ``tanh`` and the
-softmax's ``exp`` stay NumPy's, between compiled passes: numba calls the C library's scalar
-``tanh`` and ``exp``, 40x and 8x slower than NumPy's vectorized ones here.
+GELU, and attention's causal softmax and the softmax's backward. numba calls the C library's
+scalar ``tanh`` and ``exp``, 40x and 8x slower than NumPy's vectorized ones here, so in float32
+the kernels compute them with arithmetic of their own that the compiler vectorizes ("exp and
+tanh, float32"): GELU and the softmax are one pass each.
 
 Sums and means accumulate in float64 (the ``0.0`` they start from), which is more exact than
 the float32 of the array code; the passes over the elements run in the arrays' own dtype (a
@@ -36,6 +40,7 @@ import functools
 import importlib.util
 import os
 import threading
+import types
 import warnings
 
 import numpy as np
@@ -67,34 +72,219 @@ def enabled(xp, *arrays) -> bool:
     return all(a.dtype in (np.float32, np.float64) and a.flags.c_contiguous for a in arrays)
 
 
+# ------------------------------------------------------------ threads: MKL's team of threads
+# A kernel compiled with ``parallel=True`` splits its ``prange`` loop over numba's threads. Asked
+# for its OpenMP threading layer, numba runs that loop as an OpenMP parallel region, and the
+# dynamic linker looks its OpenMP functions (GOMP_parallel ...) up in the whole process first:
+# once MKL is loaded, it finds MKL's Intel OpenMP (libiomp5), which implements them too. The
+# kernels then run on the very team of threads that runs MKL's products -- PyTorch's arrangement,
+# one team for the products and the elementwise ops. A region starts on threads still spinning
+# from the product before it (3-7 microseconds; the library's Python thread pool takes 50-70 per
+# split, docs/performance.md), and no second team fights MKL's spinning threads for the cores,
+# which is why the elementwise work ran on one thread beside MKL until now.
+PARALLEL_MIN_ELEMENTS = 1 << 15  # smaller arrays: one thread (starting a region costs more)
+
+
+@functools.cache
+def _shares_mkl_team() -> bool:
+    """Whether numba's parallel kernels run on MKL's OpenMP team (decided once: the first
+    parallel kernel starts numba's threading layer, which cannot change afterwards). Not
+    without MKL (NumPy's OpenBLAS keeps threads of its own, which would fight a second team),
+    nor where numba picks another layer (``NUMBA_THREADING_LAYER`` set by the user, or TBB) or
+    its OpenMP calls reach another runtime (GNU's, when PyTorch was imported first)."""
+    import ctypes
+
+    import numba
+    from threadpoolctl import ThreadpoolController
+
+    from tinygrad_llm import blas
+
+    if blas.mkl() is None:  # loads MKL, and with it Intel's OpenMP, before numba's layer
+        return False
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "omp"
+    try:
+        _start_threads.threaded(np.zeros(1, np.float32))  # a parallel kernel starts the layer
+    except (ValueError, ImportError):  # numba: the layer asked for is not available
+        return False
+    runtimes = [c.filepath for c in ThreadpoolController().select(internal_api="openmp")
+                .lib_controllers if c.prefix == "libiomp"]
+    if numba.threading_layer() != "omp" or not runtimes:
+        return False
+
+    def address(library):
+        return ctypes.cast(library.GOMP_parallel, ctypes.c_void_p).value
+
+    # where the process's GOMP_parallel is (where numba's layer found it) vs. Intel's
+    return address(ctypes.CDLL(None)) == address(ctypes.CDLL(runtimes[0]))
+
+
+def team_threads() -> int:
+    """How many threads a parallel kernel called from this thread runs on: as many as MKL's
+    products here (its cores, ``OMP_NUM_THREADS``, ``--threads``; one inside the share of a
+    split op, ``blas.one_thread_here``) when the kernels share MKL's team, else one."""
+    return _mkl_max_threads()() if _shares_mkl_team() else 1
+
+
+@functools.cache
+def _mkl_max_threads():
+    from tinygrad_llm import blas
+
+    return blas.mkl().MKL_Get_Max_Threads  # the C function (asked at every call: it may change)
+
+
+_NUMBA_THREADS = threading.local()  # .count: what numba.set_num_threads was last given here
+
+
 _COMPILING = threading.Lock()  # two threads' first calls compile a kernel once
 
 
-def _compile(function):
-    """numba's ``njit`` of ``function``, made on first use (importing numba takes a while)."""
-    compiled = None
+def _compile(function=None, *, parallel: bool = False):
+    """numba's ``njit`` of ``function``, made on first use (importing numba takes a while).
+
+    ``parallel``: the function's ``prange`` loops may run on the team of threads
+    (``team_threads``), for arrays of PARALLEL_MIN_ELEMENTS and more (the first argument's
+    size); elsewhere the same function compiled without it runs them as plain loops."""
+    if function is None:
+        return functools.partial(_compile, parallel=parallel)
+    compiled = {}  # parallel (bool) -> numba's compiled function
+
+    def get(threaded):
+        if threaded not in compiled:
+            with _COMPILING:
+                if threaded not in compiled:
+                    import numba
+
+                    _load_numba()  # prange, exp and tanh for the kernels
+                    # numba's disk cache keys a function by its name, not by how it was
+                    # compiled: the parallel build is compiled from a copy named apart
+                    source = _renamed(function, "_threaded") if threaded else function
+                    compiled[threaded] = numba.njit(
+                        cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy",
+                        parallel=threaded)(source)
+        return compiled[threaded]
 
     @functools.wraps(function)
     def call(*args):
-        nonlocal compiled
-        if compiled is None:
-            with _COMPILING:
-                if compiled is None:
-                    import numba
+        if parallel and args[0].size >= PARALLEL_MIN_ELEMENTS and (threads := team_threads()) > 1:
+            if getattr(_NUMBA_THREADS, "count", None) != threads:  # numba's count is per thread
+                import numba
 
-                    compiled = numba.njit(cache=True, nogil=True, fastmath=_FASTMATH,
-                                          error_model="numpy")(function)
-        return compiled(*args)
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                _NUMBA_THREADS.count = threads
+            return get(True)(*args)
+        return get(False)(*args)
 
+    call.threaded = lambda *args: get(True)(*args)  # the parallel build, whatever the size
     return call
 
 
+def _renamed(function, suffix: str):
+    """A copy of ``function`` whose qualified name ends in ``suffix``."""
+    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__qualname__ = function.__qualname__ + suffix
+    return copy
+
+
+@_compile(parallel=True)
+def _start_threads(x):
+    for i in prange(x.shape[0]):
+        x[i] = 0
+
+
+# ------------------------------------------------------------------- exp and tanh, float32
+# numba compiles math.exp and math.tanh to calls of the C library's scalar functions, one element
+# at a time: 8x and 40x slower than NumPy's vectorised ones here. So the kernels left exp and tanh
+# to NumPy, a pass of its own between compiled passes, which a thread of the team cannot run. In
+# float32 they are written out below as arithmetic the compiler vectorises (8-16 lanes at once),
+# so that a softmax or a GELU is one pass; float64 keeps the C library's (exact) functions.
+#
+# exp(x) = 2^k e^r with k = round(x / ln 2) and r = x - k ln 2, |r| <= ln(2)/2: e^r from its
+# Taylor series to r^7 (the first term left out, r^8/8! < 1.2e-9, is below float32's rounding),
+# and 2^k made directly: 2^j is the float whose exponent field holds j + 127 and whose mantissa
+# is 0 (for j in -126..127; 2^k is made as two such factors, as k reaches 128 near the top).
+# ln 2 is split in two (a part with few mantissa bits, so k ln2_high is exact, and the rest) to
+# keep r exact. Measured over 4 million points of [-87, 88.72]: within 1.2 units in the last
+# place of the exact result (NumPy's own float32 exp: 2.4). Below -87 (near e^-87.3, the smallest
+# normal float32) it returns 0, so that a softmax's masked keys (-inf) come out exactly 0.
+#
+# tanh(u) = sign(u) (1 - 2 / (exp(2|u|) + 1)), from the exp above. Near +-1 (large |u|) the
+# subtraction leaves the tiny 2 / (exp + 1) exact, so 1 - tanh^2, which GELU's backward needs, is
+# as exact as from NumPy's tanh; near 0 it is within 6e-8 of tanh (absolute), far below what
+# GELU's x/2 (1 + tanh) resolves. (With exp(2u) for either sign, tanh near -1 lost that.)
+LN2_HIGH, LN2_LOW = 0.693359375, -2.12194440e-4  # ln 2 = LN2_HIGH + LN2_LOW (to 1e-12)
+# what the kernels call besides arithmetic, set by _load_numba before the first one compiles:
+# exp and tanh (above), and numba's prange, a loop whose iterations may run on several threads
+_exp = _tanh = None
+prange = range
+
+
+def _load_numba() -> None:
+    global _exp, _tanh, prange
+    if _exp is not None:
+        return
+    import math
+
+    import numba
+    from llvmlite import ir
+    from numba.core import types as numba_types
+    from numba.extending import intrinsic, overload
+
+    @intrinsic
+    def float32_from_bits(typing_context, bits):  # the int32's 32 bits read as a float32
+        def codegen(context, builder, signature, arguments):
+            return builder.bitcast(arguments[0], ir.FloatType())
+
+        return numba_types.float32(numba_types.int32), codegen
+
+    f32 = np.float32
+
+    def exp_float32(x):
+        clamped = max(min(x, f32(88.75)), f32(-87.5))  # results beyond are inf and 0 (below)
+        k = np.floor(clamped * f32(1.4426950408889634) + f32(0.5))  # round(x / ln 2)
+        r = clamped - k * f32(LN2_HIGH) - k * f32(LN2_LOW)
+        p = f32(1 / 5040)  # e^r = 1 + r + r^2/2! + ... + r^7/7!, by Horner's rule
+        p = p * r + f32(1 / 720)
+        p = p * r + f32(1 / 120)
+        p = p * r + f32(1 / 24)
+        p = p * r + f32(1 / 6)
+        p = p * r + f32(0.5)
+        p = p * r + f32(1.0)
+        p = p * r + f32(1.0)
+        n = np.int32(k)  # 2^n as 2^(n//2) 2^(n - n//2): both normal for n in [-126, 128]
+        half = n >> 1
+        scaled = (p * float32_from_bits((half + np.int32(127)) << 23)
+                  * float32_from_bits((n - half + np.int32(127)) << 23))
+        if x > f32(88.72284):  # above log(largest float32)
+            return f32(np.inf)
+        return f32(0.0) if x < f32(-87.0) else scaled  # NaN stays NaN
+
+    def tanh_float32(x):
+        magnitude = f32(1.0) - f32(2.0) / (exp(f32(2.0) * abs(x)) + f32(1.0))  # tanh(|x|)
+        return magnitude if x >= f32(0.0) else -magnitude
+
+    def exp(x):  # the Python names the kernels call; numba compiles them by dtype
+        return math.exp(x)
+
+    def tanh(x):
+        return math.tanh(x)
+
+    def by_dtype(float32_body, float64_body):  # numba picks the body by the argument's type
+        return lambda x: float32_body if x == numba_types.float32 else float64_body
+
+    options = {"inline": "always", "jit_options": {"fastmath": _FASTMATH}}
+    overload(exp, **options)(by_dtype(exp_float32, lambda x: math.exp(x)))
+    overload(tanh, **options)(by_dtype(tanh_float32, lambda x: math.tanh(x)))
+    _exp, _tanh, prange = exp, tanh, numba.prange
+
+
 # ------------------------------------------------------------------------------ layer norm
-@_compile
+@_compile(parallel=True)
 def _layer_norm_forward_rows(x, weight, bias, eps, y, xhat, rstd, mean):
-    # x, y, xhat (N, C); weight, bias (C,); rstd, mean (N,)
+    # x, y, xhat (N, C); weight, bias (C,); rstd, mean (N,); the rows on the team's threads
     rows, width = x.shape
-    for i in range(rows):
+    for i in prange(rows):
         total = 0.0
         for j in range(width):
             total += x[i, j]
@@ -123,24 +313,32 @@ def layer_norm_forward_rows(x, xhat, rstd, y, *, weight, bias, eps: float) -> No
                              np.empty(len(x), x.dtype))
 
 
-@_compile
+LAYER_NORM_CHUNK_ROWS = 64  # rows per partial sum of dweight and dbias
+
+
+@_compile(parallel=True)
 def _layer_norm_backward_rows(g, xhat, weight, rstd, dx, dweight, dbias, means):
     # with gx̂ = g w and means over the C features of a row:
     #   dx = rstd (gx̂ - mean(gx̂) - x̂ mean(gx̂ x̂));  dw += g x̂ and db += g over the rows
+    # The rows in chunks, on the team's threads; chunk k adds its rows' share of dw and db into
+    # dweight[k] and dbias[k] (float64), so no two threads add into the same sum, and the
+    # chunks, not the threads, decide the order of the additions (the same result on every run)
     rows, width = g.shape
-    for i in range(rows):
-        mean_g = 0.0  # mean(gx̂)
-        mean_gx = 0.0  # mean(gx̂ x̂)
-        for j in range(width):
-            gxhat = g[i, j] * weight[j]
-            mean_g += gxhat
-            mean_gx += gxhat * xhat[i, j]
-            dweight[j] += g[i, j] * xhat[i, j]
-            dbias[j] += g[i, j]
-        means[0], means[1] = mean_g / width, mean_gx / width  # in g's dtype, as in the forward
-        shift, slope = means[0], means[1]
-        for j in range(width):
-            dx[i, j] = rstd[i] * (g[i, j] * weight[j] - shift - xhat[i, j] * slope)
+    chunk = (rows + len(dweight) - 1) // len(dweight)
+    for k in prange(len(dweight)):
+        for i in range(k * chunk, min(rows, (k + 1) * chunk)):
+            mean_g = 0.0  # mean(gx̂)
+            mean_gx = 0.0  # mean(gx̂ x̂)
+            for j in range(width):
+                gxhat = g[i, j] * weight[j]
+                mean_g += gxhat
+                mean_gx += gxhat * xhat[i, j]
+                dweight[k, j] += g[i, j] * xhat[i, j]
+                dbias[k, j] += g[i, j]
+            means[i, 0], means[i, 1] = mean_g / width, mean_gx / width  # in g's dtype
+            shift, slope = means[i, 0], means[i, 1]
+            for j in range(width):
+                dx[i, j] = rstd[i] * (g[i, j] * weight[j] - shift - xhat[i, j] * slope)
 
 
 def layer_norm_backward_rows(g, xhat, rstd, dx, *, weight, sums: dict) -> None:
@@ -149,20 +347,20 @@ def layer_norm_backward_rows(g, xhat, rstd, dx, *, weight, sums: dict) -> None:
     dweight = sum(g x̂) and dbias = sum(g) over its rows (in float64): ``sums[address] =
     (dweight, dbias)``, keyed by the address of the block's first row, so that the shares can
     be added in the order of the rows (the same result on every run)."""
-    width = xhat.shape[-1]
-    dweight, dbias = np.zeros(width, np.float64), np.zeros(width, np.float64)
+    chunks = -(-len(g) // LAYER_NORM_CHUNK_ROWS)
+    dweight, dbias = (np.zeros((chunks, xhat.shape[-1]), np.float64) for _ in range(2))
     _layer_norm_backward_rows(g, xhat, weight, rstd.reshape(-1), dx, dweight, dbias,
-                              np.empty(2, g.dtype))
-    sums[g.ctypes.data] = dweight, dbias
+                              np.empty((len(g), 2), g.dtype))
+    sums[g.ctypes.data] = dweight.sum(axis=0), dbias.sum(axis=0)
 
 
 # ----------------------------------------------------------------------------------- AdamW
-@_compile
+@_compile(parallel=True)
 def _adamw_rows(p, g, m, v, b1, c1, b2, c2, step_size, eps, decay):
     # p, g, m, v flat; m and v updated in place, then p (the formulas of optim.AdamW.step,
     # with c1 = 1 - b1 and c2 = 1 - b2); every scalar is of the arrays' dtype, so a float32
     # update stays in float32 and runs 16 floats per AVX-512 instruction
-    for i in range(p.shape[0]):
+    for i in prange(p.shape[0]):
         gradient = g[i]
         m_i = b1 * m[i] + c1 * gradient
         v_i = b2 * v[i] + c2 * gradient * gradient
@@ -181,64 +379,58 @@ def adamw_update(p, g, m, v, b1, b2, step_size, eps, decay) -> None:
 
 
 # ------------------------------------------------------------------- attention's softmax
-@_compile
-def _causal_shift_rows(scores, diagonal):
-    # scores (M, Tq, Tk): row r sees keys 0..r + diagonal; subtract its maximum over them, and
-    # make the keys it may not see -inf (exp turns them into 0).
+@_compile(parallel=True)
+def _causal_softmax_rows(scores, diagonal, factors):
+    # scores (M, Tq, Tk), in place: row r sees keys 0..r + diagonal; each row's softmax over
+    # those, zeros beyond. One pass per row, the rows on the team's threads: its maximum, then
+    # exp(s - max) and their sum (in float64), then the division (as a multiplication by
+    # factors[row] = 1 / sum, kept in the scores' dtype so that this pass runs in it: a float64
+    # factor made a float32 row 3.5-5x slower).
     # The maximum as eight running maxima, one per position modulo 8: a single running maximum
     # waits for its previous value at every element (numba does not vectorise this reduction);
     # eight independent ones keep the CPU busy (2.8x faster here).
     matrices, queries, keys = scores.shape
-    for b in range(matrices):
-        for r in range(queries):
-            seen = min(keys, r + diagonal + 1)
-            row = scores[b, r]
-            m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
-            whole = seen - seen % 8
-            for j in range(0, whole, 8):
-                m0, m1, m2, m3 = (max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]),
-                                  max(m3, row[j + 3]))
-                m4, m5, m6, m7 = (max(m4, row[j + 4]), max(m5, row[j + 5]),
-                                  max(m6, row[j + 6]), max(m7, row[j + 7]))
-            for j in range(whole, seen):
-                m0 = max(m0, row[j])
-            largest = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
-            for j in range(seen):
-                row[j] -= largest
-            for j in range(seen, keys):
-                row[j] = -np.inf
-
-
-@_compile
-def _normalize_rows(probs, scale):
-    # probs (N, Tk): divide each row by its sum. The sum is taken in float64; 1 / sum goes
-    # through ``scale`` (one element of probs' dtype) so that the multiplying pass runs in that
-    # dtype: with a float64 scale it ran 3.5-5x slower on float32 rows
-    for i in range(probs.shape[0]):
+    for row_index in prange(matrices * queries):
+        r = row_index % queries
+        row = scores[row_index // queries, r]
+        seen = min(keys, r + diagonal + 1)
+        m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
+        whole = seen - seen % 8
+        for j in range(0, whole, 8):
+            m0, m1, m2, m3 = (max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]),
+                              max(m3, row[j + 3]))
+            m4, m5, m6, m7 = (max(m4, row[j + 4]), max(m5, row[j + 5]), max(m6, row[j + 6]),
+                              max(m7, row[j + 7]))
+        for j in range(whole, seen):
+            m0 = max(m0, row[j])
+        largest = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
         total = 0.0
-        for j in range(probs.shape[1]):
-            total += probs[i, j]
-        scale[0] = 1.0 / total
-        factor = scale[0]
-        for j in range(probs.shape[1]):
-            probs[i, j] *= factor
+        for j in range(seen):
+            e = _exp(row[j] - largest)
+            row[j] = e
+            total += e
+        factors[row_index] = 1.0 / total
+        factor = factors[row_index]
+        for j in range(seen):
+            row[j] *= factor
+        for j in range(seen, keys):
+            row[j] = 0
 
 
 def causal_softmax(scores, diagonal: int) -> None:
     """In place: scores (..., Tq, Tk), C-contiguous -> the softmax over the last axis, where
     query r sees keys 0..r + diagonal (zeros beyond; ``diagonal = Tk - Tq`` for a whole causal
-    matrix, bottom-right aligned as ``fused.causal_mask``). Two compiled passes and NumPy's exp
-    between them, where the array code makes six (add the mask, max, subtract, exp, sum,
+    matrix, bottom-right aligned as ``fused.causal_mask``). One compiled pass per row where
+    the array code makes six over the whole array (add the mask, max, subtract, exp, sum,
     scale)."""
     queries, keys = scores.shape[-2:]
-    _causal_shift_rows(scores.reshape(-1, queries, keys), diagonal)
-    np.exp(scores, out=scores)
-    _normalize_rows(scores.reshape(-1, keys), np.empty(1, scores.dtype))
+    matrices = scores.reshape(-1, queries, keys)
+    _causal_softmax_rows(matrices, diagonal, np.empty(len(matrices) * queries, scores.dtype))
 
 
-@_compile
+@_compile(parallel=True)
 def _softmax_backward_rows(dprobs, probs, delta):
-    for i in range(dprobs.shape[0]):
+    for i in prange(dprobs.shape[0]):
         for j in range(dprobs.shape[1]):
             dprobs[i, j] = probs[i, j] * (dprobs[i, j] - delta[i])
 
@@ -253,33 +445,27 @@ def softmax_backward(dprobs, probs, delta) -> None:
 # ------------------------------------------------------------------------------------ GELU
 # The constants come in as arguments of the arrays' dtype: a literal such as 0.5 is a float64 to
 # numba, and would make the float32 loops compute in float64, at half the speed or less.
-@_compile
-def _gelu_argument(x, u, c, a, one):
-    # u = c (x + a x^3), the argument of tanh (flat arrays)
-    for i in range(x.shape[0]):
-        u[i] = c * x[i] * (one + a * x[i] * x[i])
-
-
-@_compile
-def _gelu_output(x, t, y, half, one):
-    # y = x/2 (1 + t), t = tanh(u)
-    for i in range(x.shape[0]):
-        y[i] = half * x[i] * (one + t[i])
+@_compile(parallel=True)
+def _gelu_forward_flat(x, t, y, c, a, half, one):
+    # t = tanh(u), u = c x (1 + a x^2), and y = x/2 (1 + t) (flat arrays)
+    for i in prange(x.shape[0]):
+        tanh_u = _tanh(c * x[i] * (one + a * x[i] * x[i]))
+        t[i] = tanh_u
+        y[i] = half * x[i] * (one + tanh_u)
 
 
 def gelu_forward_rows(x, t, y, *, c, a) -> None:
     """GELU of a block, as ``functional._gelu_forward_rows``: t = tanh(c (x + a x^3)) and
-    y = x/2 (1 + t), written into t and y. Three passes (NumPy's tanh in the middle), for eight."""
-    flat_t, scalar = t.reshape(-1), x.dtype.type
-    _gelu_argument(x.reshape(-1), flat_t, scalar(c), scalar(a), scalar(1))
-    np.tanh(flat_t, out=flat_t)
-    _gelu_output(x.reshape(-1), flat_t, y.reshape(-1), scalar(0.5), scalar(1))
+    y = x/2 (1 + t), written into t and y. One pass, for eight."""
+    scalar = x.dtype.type
+    _gelu_forward_flat(x.reshape(-1), t.reshape(-1), y.reshape(-1), scalar(c), scalar(a),
+                       scalar(0.5), scalar(1))
 
 
-@_compile
+@_compile(parallel=True)
 def _gelu_backward_flat(x, t, g, dx, c, a, half, one, three):
     # dx = g dy/dx,  dy/dx = (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2)
-    for i in range(x.shape[0]):
+    for i in prange(x.shape[0]):
         slope = (half * (one + t[i])
                  + half * x[i] * (one - t[i] * t[i]) * c * (one + three * a * x[i] * x[i]))
         dx[i] = g[i] * slope
