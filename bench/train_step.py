@@ -370,6 +370,16 @@ def cpu_kernels_state() -> str:
     return f"numba {version('numba')}"
 
 
+def kernel_threads() -> str:
+    """Where the compiled kernels run when the library's threads are not asked for: on MKL's
+    team of threads when they can share it (cpu_kernels.team_threads), else on one."""
+    if cpu_kernels_state().startswith("off"):
+        return ""
+    threads = cpu_kernels.team_threads()  # starts numba's threading layer, as the first op would
+    return (f", the compiled kernels on MKL's team of {threads}" if threads > 1
+            else ", the compiled kernels on one")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     tuned = backend.tune_cpu_allocator()  # reuse freed buffers warm, as `tinygrad-llm` does
@@ -389,7 +399,7 @@ def main(argv=None) -> None:
           + (f"threads: {args.threads} (the library's own work split over them; products "
              + ("on MKL's threads)" if blas.mkl() is not None else
                 "split over them too, BLAS on one thread per call)") if args.threads else
-             "threads: NumPy's elementwise on one, BLAS on its own"))
+             f"threads: NumPy's elementwise on one, BLAS on its own{kernel_threads()}"))
     ours_step, ours_sync = make_ours(args)
     engines = [Engine(ours_step, data, ours_sync)]
     torch_engine = None
