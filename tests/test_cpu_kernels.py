@@ -205,7 +205,7 @@ def test_float32_exp_and_tanh_against_float64():
     cpu_kernels._load_numba()
     exp, tanh = cpu_kernels._exp, cpu_kernels._tanh
 
-    @numba.njit
+    @numba.njit(fastmath=cpu_kernels._FASTMATH, error_model="numpy")  # the kernels' options
     def both(x, e, t):
         for i in range(x.shape[0]):
             e[i] = exp(x[i])
@@ -276,11 +276,17 @@ def test_kernels_on_several_threads_equal_one_thread(dtype, monkeypatch):
 
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("one CPU: numba has no second thread")
+    cpu_kernels._shares_mkl_team()  # numba's threads started as the library starts them
+    asked = []  # the thread counts the parallel builds were run with
+    monkeypatch.setattr(numba, "set_num_threads", asked.append)
     for name, run in _each_kernel(np.random.default_rng(1), dtype):
         monkeypatch.setattr(cpu_kernels, "team_threads", lambda: 1)
         serial = run()
         monkeypatch.setattr(cpu_kernels, "team_threads", lambda: 2)
+        cpu_kernels._NUMBA_THREADS.count = None  # so that the parallel path says it ran
         threaded = run()
+        assert asked and asked[-1] == 2, name
+        asked.clear()
         tolerance = {np.float32: 1e-6, np.float64: 1e-14}[dtype]
         for one, several in zip(serial, threaded, strict=True):
             np.testing.assert_allclose(several, one, rtol=tolerance, atol=tolerance,

@@ -13,7 +13,8 @@ wherever numba is not installed (or does not import), and ``tests/test_cpu_kerne
 every kernel with it. An op calls its kernel only when ``enabled(xp, *arrays)``: the arrays are
 NumPy, float32 or float64 and C-contiguous, numba imports, and ``TINYGRAD_LLM_CPU_KERNELS=0`` is
 not set (it switches them off, leaving the array code). Each kernel is compiled on its first call
-for each dtype (about a second) and cached on disk by numba after that.
+for each dtype, once for one thread and once for several (a second or a few each), and cached on
+disk by numba after that.
 
 Threads: with MKL installed (``pip install "tinygrad-llm[mkl]"``), a kernel on an array of
 PARALLEL_MIN_ELEMENTS or more splits its rows over the team of threads that runs MKL's products
@@ -90,22 +91,28 @@ def _shares_mkl_team() -> bool:
     """Whether numba's parallel kernels run on MKL's OpenMP team (decided once: the first
     parallel kernel starts numba's threading layer, which cannot change afterwards). Not
     without MKL (NumPy's OpenBLAS keeps threads of its own, which would fight a second team),
-    nor where numba picks another layer (``NUMBA_THREADING_LAYER`` set by the user, or TBB) or
-    its OpenMP calls reach another runtime (GNU's, when PyTorch was imported first)."""
+    nor where the user chose another layer (``NUMBA_THREADING_LAYER``, ``numba.config``), other
+    code started numba's threads first, or its OpenMP calls reach another runtime (GNU's, when
+    PyTorch was imported first)."""
     import ctypes
 
     import numba
+    from numba.np.ufunc import parallel
     from threadpoolctl import ThreadpoolController
 
     from tinygrad_llm import blas
 
     if blas.mkl() is None:  # loads MKL, and with it Intel's OpenMP, before numba's layer
         return False
-    if "NUMBA_THREADING_LAYER" not in os.environ:
+    if parallel._is_initialized:  # numba's layer was started before (by other code), perhaps
+        return False  # before MKL was loaded: which OpenMP it bound to cannot be told from here
+    chosen = numba.config.THREADING_LAYER
+    if chosen == "default":  # not chosen by the user (NUMBA_THREADING_LAYER or in code)
         numba.config.THREADING_LAYER = "omp"
     try:
         _start_threads.threaded(np.zeros(1, np.float32))  # a parallel kernel starts the layer
     except (ValueError, ImportError):  # numba: the layer asked for is not available
+        numba.config.THREADING_LAYER = chosen
         return False
     runtimes = [c.filepath for c in ThreadpoolController().select(internal_api="openmp")
                 .lib_controllers if c.prefix == "libiomp"]
@@ -195,10 +202,11 @@ def _start_threads(x):
 
 # ------------------------------------------------------------------- exp and tanh, float32
 # numba compiles math.exp and math.tanh to calls of the C library's scalar functions, one element
-# at a time: 8x and 40x slower than NumPy's vectorised ones here. So the kernels left exp and tanh
-# to NumPy, a pass of its own between compiled passes, which a thread of the team cannot run. In
-# float32 they are written out below as arithmetic the compiler vectorises (8-16 lanes at once),
-# so that a softmax or a GELU is one pass; float64 keeps the C library's (exact) functions.
+# at a time: 8x and 40x slower than NumPy's vectorised ones here. The kernels used to leave exp
+# and tanh to NumPy, in passes of their own between the compiled ones, on the calling thread
+# only. In float32 they are written out below as arithmetic the compiler vectorises (8-16 lanes
+# at once), so that a softmax or a GELU is one pass, on the team; float64 keeps the C library's
+# (exact) functions.
 #
 # exp(x) = 2^k e^r with k = round(x / ln 2) and r = x - k ln 2, |r| <= ln(2)/2: e^r from its
 # Taylor series to r^7 (the first term left out, r^8/8! < 1.2e-9, is below float32's rounding),
@@ -213,7 +221,8 @@ def _start_threads(x):
 # subtraction leaves the tiny 2 / (exp + 1) exact, so 1 - tanh^2, which GELU's backward needs, is
 # as exact as from NumPy's tanh; near 0 it is within 6e-8 of tanh (absolute), far below what
 # GELU's x/2 (1 + tanh) resolves. (With exp(2u) for either sign, tanh near -1 lost that.)
-LN2_HIGH, LN2_LOW = 0.693359375, -2.12194440e-4  # ln 2 = LN2_HIGH + LN2_LOW (to 1e-12)
+LN2_HIGH, LN2_LOW = 0.693359375, -2.12194440e-4  # ln 2 = LN2_HIGH + LN2_LOW (LN2_LOW's
+# float32 rounding leaves ln 2 off by ~1e-11: 1e-9 of r at k = 127, below float32's resolution)
 # what the kernels call besides arithmetic, set by _load_numba before the first one compiles:
 # exp and tanh (above), and numba's prange, a loop whose iterations may run on several threads
 _exp = _tanh = None
@@ -241,7 +250,7 @@ def _load_numba() -> None:
     f32 = np.float32
 
     def exp_float32(x):
-        clamped = max(min(x, f32(88.75)), f32(-87.5))  # results beyond are inf and 0 (below)
+        clamped = max(min(x, f32(88.75)), f32(-87.5))  # beyond: 0 or inf, chosen at the end
         k = np.floor(clamped * f32(1.4426950408889634) + f32(0.5))  # round(x / ln 2)
         r = clamped - k * f32(LN2_HIGH) - k * f32(LN2_LOW)
         p = f32(1 / 5040)  # e^r = 1 + r + r^2/2! + ... + r^7/7!, by Horner's rule
@@ -253,12 +262,17 @@ def _load_numba() -> None:
         p = p * r + f32(1.0)
         p = p * r + f32(1.0)
         n = np.int32(k)  # 2^n as 2^(n//2) 2^(n - n//2): both normal for n in [-126, 128]
-        half = n >> 1
-        scaled = (p * float32_from_bits((half + np.int32(127)) << 23)
-                  * float32_from_bits((n - half + np.int32(127)) << 23))
+        half = n >> np.int32(1)
+        scaled = (p * float32_from_bits((half + np.int32(127)) << np.int32(23))
+                  * float32_from_bits((n - half + np.int32(127)) << np.int32(23)))
         if x > f32(88.72284):  # above log(largest float32)
             return f32(np.inf)
-        return f32(0.0) if x < f32(-87.0) else scaled  # NaN stays NaN
+        if x >= f32(-87.0):
+            return scaled
+        # below -87: 0; and NaN, for which no comparison holds, stays NaN (an overflowed float16
+        # step must still be seen). Choosing x here, not testing x != x first, kept the loop as
+        # fast as without NaN's case (a test first: 17% slower)
+        return f32(0.0) if x < f32(-87.0) else x
 
     def tanh_float32(x):
         magnitude = f32(1.0) - f32(2.0) / (exp(f32(2.0) * abs(x)) + f32(1.0))  # tanh(|x|)
@@ -273,9 +287,9 @@ def _load_numba() -> None:
     def by_dtype(float32_body, float64_body):  # numba picks the body by the argument's type
         return lambda x: float32_body if x == numba_types.float32 else float64_body
 
-    options = {"inline": "always", "jit_options": {"fastmath": _FASTMATH}}
-    overload(exp, **options)(by_dtype(exp_float32, lambda x: math.exp(x)))
-    overload(tanh, **options)(by_dtype(tanh_float32, lambda x: math.tanh(x)))
+    # inlined into each kernel, they are compiled with the kernel's options (fastmath ...)
+    overload(exp, inline="always")(by_dtype(exp_float32, lambda x: math.exp(x)))
+    overload(tanh, inline="always")(by_dtype(tanh_float32, lambda x: math.tanh(x)))
     _exp, _tanh, prange = exp, tanh, numba.prange
 
 
@@ -317,14 +331,14 @@ LAYER_NORM_CHUNK_ROWS = 64  # rows per partial sum of dweight and dbias
 
 
 @_compile(parallel=True)
-def _layer_norm_backward_rows(g, xhat, weight, rstd, dx, dweight, dbias, means):
+def _layer_norm_backward_rows(g, xhat, weight, rstd, dx, dweight, dbias, means, chunk):
     # with gx̂ = g w and means over the C features of a row:
     #   dx = rstd (gx̂ - mean(gx̂) - x̂ mean(gx̂ x̂));  dw += g x̂ and db += g over the rows
-    # The rows in chunks, on the team's threads; chunk k adds its rows' share of dw and db into
-    # dweight[k] and dbias[k] (float64), so no two threads add into the same sum, and the
-    # chunks, not the threads, decide the order of the additions (the same result on every run)
+    # The rows in chunks of ``chunk`` rows, on the team's threads; chunk k adds its rows' share
+    # of dw and db into dweight[k] and dbias[k] (float64), so no two threads add into the same
+    # sum, and the chunks, not the threads, decide the order of the additions (the same result
+    # on every run, with any number of threads)
     rows, width = g.shape
-    chunk = (rows + len(dweight) - 1) // len(dweight)
     for k in prange(len(dweight)):
         for i in range(k * chunk, min(rows, (k + 1) * chunk)):
             mean_g = 0.0  # mean(gx̂)
@@ -350,7 +364,7 @@ def layer_norm_backward_rows(g, xhat, rstd, dx, *, weight, sums: dict) -> None:
     chunks = -(-len(g) // LAYER_NORM_CHUNK_ROWS)
     dweight, dbias = (np.zeros((chunks, xhat.shape[-1]), np.float64) for _ in range(2))
     _layer_norm_backward_rows(g, xhat, weight, rstd.reshape(-1), dx, dweight, dbias,
-                              np.empty((len(g), 2), g.dtype))
+                              np.empty((len(g), 2), g.dtype), LAYER_NORM_CHUNK_ROWS)
     sums[g.ctypes.data] = dweight.sum(axis=0), dbias.sum(axis=0)
 
 
