@@ -206,8 +206,10 @@ def scatter_add(target, indices, values) -> None:
 # products of linear layers run on MKL's own n threads when MKL is installed (its threads can be
 # told to sleep as soon as a product ends: ``blas.share_cores_with_threads``); with NumPy's
 # OpenBLAS, which cannot, BLAS runs on one thread and the rows of each product are split too.
-# Without the call (the default), everything runs as plain NumPy: elementwise on one thread,
-# BLAS on its own. Which is faster depends on the machine and the model (docs/performance.md).
+# Without the call (the default), NumPy's elementwise ops run on one thread and BLAS on its own
+# threads; with numba and MKL installed, the compiled kernels (layer norm, GELU, the softmax,
+# AdamW) run on MKL's threads too (``cpu_kernels.team_threads``), which made the default the
+# faster mode on the 2-core Intel Xeon (docs/performance.md, "One team of threads").
 PARALLEL_MIN_ELEMENTS = 1 << 15  # below this, handing work to threads costs more than it saves
 _threads = 1  # set_num_threads
 _pool = None

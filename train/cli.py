@@ -65,7 +65,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "(elementwise ops, layer norm, attention); matrix products run "
                              "on MKL's own threads when MKL is installed, else split over "
                              "them with BLAS on one thread each (default: NumPy's elementwise "
-                             "on one thread, BLAS on its own threads); see "
+                             "on one thread, BLAS on its own threads, and with numba and MKL "
+                             "the compiled kernels on MKL's threads); see "
                              "docs/performance.md for when it helps")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (for bug reports)")
