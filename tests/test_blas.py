@@ -248,3 +248,55 @@ def test_mkl_shares_the_cores_with_the_library_threads():
     finally:
         library.MKL_Set_Num_Threads(default)
         library.MKL_Set_Num_Threads_Local(own)
+
+
+def test_one_row_checks_agree_with_the_general_ones():
+    # the quick checks of decoding's one-row products (_one_row_layouts) must say what the
+    # general ones say wherever they say anything, and decline the rest
+    rng = np.random.default_rng(9)
+    row = stack(rng, (1, 40), np.float32)
+    weights = {"rows": stack(rng, (40, 30), np.float32),
+               "transposed": stack(rng, (40, 30), np.float32, transposed=True),
+               "every other column": np.empty((40, 60), np.float32)[:, ::2],
+               "float64": stack(rng, (40, 30), np.float64),
+               "one column": stack(rng, (40, 1), np.float32)}
+    outs = {"fresh": lambda n: np.empty((1, n), np.float32),
+            "every other": lambda n: np.empty((1, 2 * n), np.float32)[:, ::2],
+            "read-only": lambda n: np.frombuffer(bytes(4 * n), np.float32).reshape(1, n)}
+    agreed = 0
+    for b_name, b in weights.items():
+        for out_name, make in outs.items():
+            out = make(b.shape[1])
+            quick = blas._one_row_layouts(row, b, out)
+            if quick is not None:
+                assert quick == blas._blas_layouts(row, b, out), (b_name, out_name)
+                agreed += 1
+    assert agreed == 3  # rows, transposed and one column, each into a fresh output
+    square = stack(rng, (40, 40), np.float32)
+    assert blas._one_row_layouts(row, square, row) is None  # the output is the input
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_compiled_gemv_call_equals_the_ctypes_call(dtype, monkeypatch):
+    # with numba, one-row products call MKL's gemv from compiled code (blas._compiled_gemv);
+    # the same call made through ctypes is the reference
+    if blas.mkl() is None or blas._compiled_gemv("s") is None:
+        pytest.skip("needs MKL and numba")
+    monkeypatch.setattr(blas, "SMALL_GEMV_ELEMENTS", 0)
+    rng = np.random.default_rng(10)
+    a = stack(rng, (1, 50), dtype)
+    for transposed in (False, True):
+        b = stack(rng, (50, 70), dtype, transposed=transposed)
+        bias = rng.standard_normal(70).astype(dtype)
+        results = []
+        for compiled in (True, False):
+            if not compiled:
+                monkeypatch.setattr(blas, "_compiled_gemv", lambda dtype_char: None)
+            out = np.empty((1, 70), dtype)
+            assert blas.mkl_gemm(a, b, out, bias=bias)
+            results.append(out)
+        monkeypatch.undo()
+        monkeypatch.setattr(blas, "SMALL_GEMV_ELEMENTS", 0)
+        np.testing.assert_array_equal(results[0], results[1])
+        np.testing.assert_allclose(results[0], a @ b + bias, rtol=1e-5 if dtype == np.float32
+                                   else 1e-12, atol=1e-5 if dtype == np.float32 else 1e-12)
