@@ -1,6 +1,7 @@
 """blas.gemm and blas.matmul_into against np.matmul: MKL's products where it is installed (and
 TINYGRAD_LLM_MKL is not 0), else NumPy's OpenBLAS and its batched product."""
 
+import functools
 import importlib.util
 import os
 import platform
@@ -277,26 +278,35 @@ def test_one_row_checks_agree_with_the_general_ones():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_compiled_gemv_call_equals_the_ctypes_call(dtype, monkeypatch):
+@pytest.mark.parametrize("mode", ["bias", "add", "plain"])
+def test_the_compiled_gemv_call_equals_the_ctypes_call(dtype, mode, monkeypatch):
     # with numba, one-row products call MKL's gemv from compiled code (blas._compiled_gemv);
     # the same call made through ctypes is the reference
-    if blas.mkl() is None or blas._compiled_gemv("s") is None:
+    if blas.mkl() is None or blas._compiled_gemv(blas._char(dtype)) is None:
         pytest.skip("needs MKL and numba")
     monkeypatch.setattr(blas, "SMALL_GEMV_ELEMENTS", 0)
     rng = np.random.default_rng(10)
     a = stack(rng, (1, 50), dtype)
+    start = rng.standard_normal((1, 70)).astype(dtype)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    real, calls = blas._compiled_gemv, []
+
+    def spy(dtype_char, compiled):
+        calls.append(compiled)
+        return real(dtype_char) if compiled else None
+
     for transposed in (False, True):
         b = stack(rng, (50, 70), dtype, transposed=transposed)
-        bias = rng.standard_normal(70).astype(dtype)
+        bias = rng.standard_normal(70).astype(dtype) if mode == "bias" else None
+        expected = a @ b + (bias if mode == "bias" else start if mode == "add" else 0)
         results = []
+        calls.clear()
         for compiled in (True, False):
-            if not compiled:
-                monkeypatch.setattr(blas, "_compiled_gemv", lambda dtype_char: None)
-            out = np.empty((1, 70), dtype)
-            assert blas.mkl_gemm(a, b, out, bias=bias)
+            monkeypatch.setattr(blas, "_compiled_gemv",
+                                functools.partial(spy, compiled=compiled))
+            out = start.copy()
+            assert blas.mkl_gemm(a, b, out, add=mode == "add", bias=bias)
             results.append(out)
-        monkeypatch.undo()
-        monkeypatch.setattr(blas, "SMALL_GEMV_ELEMENTS", 0)
-        np.testing.assert_array_equal(results[0], results[1])
-        np.testing.assert_allclose(results[0], a @ b + bias, rtol=1e-5 if dtype == np.float32
-                                   else 1e-12, atol=1e-5 if dtype == np.float32 else 1e-12)
+        assert calls == [True, False]  # each way really went through mkl_gemm's gemv
+        np.testing.assert_allclose(results[0], results[1], rtol=tolerance, atol=tolerance)
+        np.testing.assert_allclose(results[0], expected, rtol=tolerance, atol=tolerance)

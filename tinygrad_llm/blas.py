@@ -280,13 +280,14 @@ def mkl_gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False,
     bias) for matrices a (M, K), b (K, N), out (M, N) on MKL's ``cblas_?gemm``. The bias is
     written into ``out`` first and the product added to it (beta = 1), as PyTorch's ``addmm``
     does: a pass that only writes the output, where adding it after would read and write it.
-    Returns False, having done nothing, when MKL is not installed or cannot read these arrays
-    (``_blas_layouts``), or for a small matrix-vector product (``SMALL_GEMV_ELEMENTS``).
+    Returns False, having done nothing, when MKL is not installed, for arrays that are not
+    matrices or that it cannot read (``_blas_layouts``), or for a small matrix-vector product
+    (``SMALL_GEMV_ELEMENTS``).
     ``add`` and ``bias`` do not go together (the bias would overwrite what ``out`` held)."""
     if add and bias is not None:
         raise ValueError("mkl_gemm: add=True and a bias do not go together")
     library = mkl()
-    if library is None or a.ndim != 2 or b.ndim != 2:
+    if library is None or a.ndim != 2 or b.ndim != 2 or out.ndim != 2:
         return False
     one_row = a.shape[0] == 1
     if one_row and a.shape[1] * b.shape[1] <= SMALL_GEMV_ELEMENTS:
@@ -329,7 +330,8 @@ def _compiled_gemv(dtype_char: str):
     the ctypes call took 42.9 (34.9 with the addresses ready). With ``_one_row_layouts``, a
     GPT-2 token took 0.958-0.967x the time, the 6 x 384 model's 0.961x (docs/performance.md).
     numba cannot cache a function that holds a C function's address on disk, so each process
-    compiles it on its first one-row product (~0.3 s)."""
+    compiles it (~0.3 s) for each layout of the matrices it meets: rows, and a tied LM head's
+    transposed matrix."""
     from tinygrad_llm import cpu_kernels
 
     if os.environ.get("TINYGRAD_LLM_CPU_KERNELS") == "0" or not cpu_kernels.available():
@@ -339,8 +341,12 @@ def _compiled_gemv(dtype_char: str):
 
 @functools.cache
 def _build_gemv(dtype_char: str):
+    """The compiled caller of ``_compiled_gemv``, tried once on a 1 x 1 product; None when MKL
+    is not loaded or numba cannot compile it (the ctypes call then runs)."""
     import numba
 
+    if mkl() is None:
+        return None
     scalar = ctypes.c_float if dtype_char == "s" else ctypes.c_double
     integer, pointer = ctypes.c_int, ctypes.c_void_p
     signature = ctypes.CFUNCTYPE(None, *[integer] * 4, scalar, pointer, integer, pointer,
@@ -353,6 +359,15 @@ def _build_gemv(dtype_char: str):
         gemv(ROW_MAJOR, trans, rows, columns, one, matrix.ctypes.data, ld, x.ctypes.data, 1,
              beta, y.ctypes.data, 1)
 
+    probe = np.ones((1, 1), np.float32 if dtype_char == "s" else np.float64)
+    try:
+        call(TRANSPOSE, 1, 1, probe, 1, probe, 0.0, probe.copy())
+    except Exception as error:  # noqa: BLE001 -- any failure: the ctypes call, and say why
+        import warnings
+
+        warnings.warn(f"numba could not compile the call of MKL's gemv ({error}); one-row "
+                      "products use ctypes", stacklevel=2)
+        return None
     return call
 
 
