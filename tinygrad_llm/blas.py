@@ -334,9 +334,7 @@ def _compiled_gemv(dtype_char: str):
     transposed matrix."""
     from tinygrad_llm import cpu_kernels
 
-    if os.environ.get("TINYGRAD_LLM_CPU_KERNELS") == "0" or not cpu_kernels.available():
-        return None
-    return _build_gemv(dtype_char)
+    return _build_gemv(dtype_char) if cpu_kernels.enabled(np) else None  # numba, not switched off
 
 
 @functools.cache

@@ -223,6 +223,7 @@ def _start_threads(x):
 # GELU's x/2 (1 + tanh) resolves. (With exp(2u) for either sign, tanh near -1 lost that.)
 LN2_HIGH, LN2_LOW = 0.693359375, -2.12194440e-4  # ln 2 = LN2_HIGH + LN2_LOW (LN2_LOW's
 # float32 rounding leaves ln 2 off by ~1e-11: 1e-9 of r at k = 127, below float32's resolution)
+
 # what the kernels call besides arithmetic, set by _load_numba before the first one compiles:
 # exp and tanh (above), and numba's prange, a loop whose iterations may run on several threads
 _exp = _tanh = None
