@@ -150,6 +150,43 @@ def test_causal_softmax_kernel_zeroes_what_a_query_may_not_see():
     np.testing.assert_allclose(scores, expected, rtol=1e-6)
 
 
+@settings(deadline=None)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 4), dim=st.integers(1, 9),
+       position=st.integers(0, 12), room=st.integers(0, 3), padding=st.integers(0, 12),
+       dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**16))
+def test_decode_attention_kernel_matches_the_array_code(batch, heads, dim, position, room,
+                                                        padding, dtype, seed):
+    # one new query per sequence over a KV cache's buffers (room: unused positions beyond), the
+    # first sequence left-padded: against the general attention op on the cache's keys
+    from tinygrad_llm import fused
+
+    rng = np.random.default_rng(seed)
+    length = position + 1 + room
+    keys, values = (rng.standard_normal((batch, heads, length, dim)).astype(dtype) * 2
+                    for _ in range(2))
+    qkv = rng.standard_normal((batch, 3 * heads * dim)).astype(dtype) * 2
+    allowed = np.ones((batch, position + 1), bool)
+    allowed[0, :min(padding, position)] = False  # the new position itself stays visible
+    q, k, v = (part.reshape(batch, heads, 1, dim) for part in np.split(qkv, 3, axis=1))
+    cached_k = np.concatenate([keys[:, :, :position], k], axis=2)  # (B, H, position + 1, D)
+    cached_v = np.concatenate([values[:, :, :position], v], axis=2)
+    blocked = F.make_additive_mask(~allowed[:, None, None, :], dtype)  # (B, 1, 1, Tk)
+    expected = fused.ScaledDotProductAttention.apply(
+        *(Tensor(a) for a in (q, cached_k, cached_v)), mask=blocked, dropout_p=0.0,
+        device="cpu").numpy()  # (B, H, 1, D)
+    untouched = keys[:, :, position + 1:].copy()
+    out = np.full((batch, heads * dim), np.nan, dtype)
+    cpu_kernels.decode_attention(keys, values, qkv, position, allowed, out)
+    # scores reach ~20 here: one float32 rounding of a score (summed in another order, scaled
+    # after the product instead of before) moves its weight by up to ~4e-6 of it
+    tolerance = {np.float32: 2e-5, np.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(out, expected.reshape(batch, heads * dim), rtol=tolerance,
+                               atol=tolerance)
+    np.testing.assert_array_equal(keys[:, :, :position + 1], cached_k)  # the new key stored
+    np.testing.assert_array_equal(values[:, :, :position + 1], cached_v)
+    np.testing.assert_array_equal(keys[:, :, position + 1:], untouched)  # nothing beyond
+
+
 @pytest.mark.parametrize("shape", [(7,), (3, 33), (2, 300, 257)])  # the last on the team
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gelu_kernels_match_the_array_code(shape, dtype):
@@ -264,7 +301,18 @@ def _each_kernel(rng, dtype):
         cpu_kernels.adamw_update(p, g, m, v, 0.9, 0.95, 1e-3, 1e-8, 0.999)
         return [p, m, v]
 
-    return [("layer_norm", layer_norm), ("softmax", softmax), ("gelu", gelu), ("adamw", adamw)]
+    cache = rng.standard_normal((2, 2, 4, 130, 32)).astype(dtype)  # 33,280 elements each
+    qkv = rng.standard_normal((2, 3 * 128)).astype(dtype)
+
+    def decode_attention():
+        keys, values = cache.copy()
+        out = np.empty((2, 128), dtype)
+        allowed = np.arange(101) >= np.array([[0], [5]])  # the second sequence: 5 of padding
+        cpu_kernels.decode_attention(keys, values, qkv, 100, allowed, out)
+        return [keys, values, out]
+
+    return [("layer_norm", layer_norm), ("softmax", softmax), ("gelu", gelu), ("adamw", adamw),
+            ("decode_attention", decode_attention)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -177,3 +177,82 @@ def test_stop_strings_and_streaming(model):
     streamed = "".join(stream_text(model, tokenizer, "abc", 10, temperature=0, stop=[stop]))
     assert streamed == free[:free.index(stop)]
     assert generate_text(model, tokenizer, ["abc", "m"], 4, temperature=0)[0] == free[:4]
+
+
+@pytest.mark.parametrize("bias, qkv_bias", [(True, True), (False, False), (False, True)])
+def test_decoding_on_arrays_gives_the_modules_logits_and_caches(bias, qkv_bias, monkeypatch):
+    # GPT.hidden_states runs each block's decode_step for one new position on the CPU (with the
+    # compiled kernels): against the modules' forward, step by step, for a left-padded batch
+    pytest.importorskip("numba")
+    from tinygrad_llm.generate import _positions
+    from tinygrad_llm.models import gpt
+
+    backend.manual_seed(5)
+    config = GPTConfig(vocab_size=13, context_length=12, n_layer=2, n_head=2, n_embd=16,
+                       bias=bias, qkv_bias=qkv_bias)
+    model = GPT(config)
+    for p in model.parameters():
+        p.data *= 4
+    ids = np.array([[0, 0, 0, 4, 1, 7, 7, 2, 9], [3, 5, 8, 1, 2, 6, 6, 0, 11]])
+    mask = np.array([[False] * 3 + [True] * 6, [True] * 9])
+    steps = []  # each step's decode_step calls
+    decode_step = gpt.Block.decode_step
+    calls = []
+    monkeypatch.setattr(gpt.Block, "decode_step", lambda *a: calls.append(1) or decode_step(*a))
+
+    def run():
+        with no_grad():
+            caches = model.new_kv_cache(2)
+            logits = [model(ids[:, :4], caches, _positions(mask[:, :4]), mask[:, :4]).numpy()]
+            for t in range(4, 9):
+                calls.clear()
+                positions = _positions(mask[:, :t + 1])[:, -1:]
+                logits.append(model(ids[:, t:t + 1], caches, positions, mask[:, :t + 1]).numpy())
+                steps.append(len(calls))
+        return np.concatenate(logits, axis=1), caches
+
+    on_arrays, caches = run()
+    assert steps == [config.n_layer] * 5  # every block of every one-position step
+    steps.clear()
+    monkeypatch.setattr(GPT, "decodes_on_arrays", lambda *a: False)
+    modules, reference = run()
+    assert steps == [0] * 5
+    np.testing.assert_allclose(on_arrays, modules, rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(caches, reference, strict=True):
+        assert mine.length == theirs.length == 9
+        for row, first in enumerate((3, 0)):  # the positions each sequence has written
+            np.testing.assert_allclose(mine.k[row, :, first:9], theirs.k[row, :, first:9],
+                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(mine.v[row, :, first:9], theirs.v[row, :, first:9],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_on_arrays_only_where_it_computes_the_forward(monkeypatch):
+    # the modules' forward runs when a graph is wanted, with dropout, under autocast, with a
+    # LoRA-wrapped layer, a cache of another kind, a padded new position, the kernels off, or
+    # on a GPU
+    pytest.importorskip("numba")
+    from tinygrad_llm import functional as F
+    from tinygrad_llm.lora import apply_lora
+    from tinygrad_llm.tensor import Tensor
+
+    model = GPT(GPTConfig(vocab_size=13, context_length=12, n_layer=2, n_head=2, n_embd=16,
+                          dropout=0.1)).eval()
+    x, caches = Tensor(np.zeros((1, 1, 16), np.float32)), model.new_kv_cache(1)
+    with no_grad():
+        assert model.decodes_on_arrays(x, caches, None)
+        assert model.decodes_on_arrays(x, caches, np.array([[True]]))
+        assert not model.decodes_on_arrays(x, caches, np.array([[False]]))  # the new one padded
+        assert not model.decodes_on_arrays(x, [object()] * 2, None)
+        with F.autocast(np.float16):
+            assert not model.decodes_on_arrays(x, caches, None)
+        monkeypatch.setenv("TINYGRAD_LLM_CPU_KERNELS", "0")
+        assert not model.decodes_on_arrays(x, caches, None)
+        monkeypatch.delenv("TINYGRAD_LLM_CPU_KERNELS")
+        model.train()  # dropout 0.1 applies while training
+        assert not model.decodes_on_arrays(x, caches, None)
+        model.eval()
+    assert not model.decodes_on_arrays(x, caches, None)  # gradients wanted
+    apply_lora(model, rank=2)
+    with no_grad():
+        assert not model.decodes_on_arrays(x, caches, None)

@@ -22,7 +22,8 @@ PARALLEL_MIN_ELEMENTS or more splits its rows over the team of threads that runs
 op the library's own threads split (``--threads``), it runs on the thread that called it.
 
 Which ops have a kernel was decided by measurement (docs/performance.md): layer norm, AdamW,
-GELU, and attention's causal softmax and the softmax's backward. numba calls the C library's
+GELU, attention's causal softmax and the softmax's backward, and, for decoding with a KV cache,
+the whole attention of one query (``models.gpt``'s one-position path). numba calls the C library's
 scalar ``tanh`` and ``exp``, 40x and 8x slower than NumPy's vectorized ones here, so in float32
 the kernels compute them with arithmetic of their own that the compiler vectorizes ("exp and
 tanh, float32"): GELU and the softmax are one pass each.
@@ -455,6 +456,67 @@ def softmax_backward(dprobs, probs, delta) -> None:
     pass for the array code's two."""
     keys = dprobs.shape[-1]
     _softmax_backward_rows(dprobs.reshape(-1, keys), probs.reshape(-1, keys), delta.reshape(-1))
+
+
+# --------------------------------------------------------- decoding: one query's attention
+@_compile(parallel=True)
+def _decode_attention_heads(keys, values, qkv, position, allowed, scale, zero, out, scores):
+    # keys, values (B, H, L, D): the KV cache's whole buffers; qkv (B, 3 H D): the new
+    # position's q, k, v side by side; allowed (B, position + 1); out (B, H D); scores (B H, L).
+    # One (sequence, head) per iteration, on the team's threads. The sums run in the arrays'
+    # dtype (from ``zero``), as a BLAS dot product does: a float64 sum would slow every pass.
+    batch, heads, _, width = keys.shape
+    embd = heads * width
+    for pair in prange(batch * heads):
+        b, h = pair // heads, pair % heads
+        start = h * width  # this head's columns in q (and in k, v and out, after an offset)
+        q, k, v = qkv[b, start:start + width], keys[b, h], values[b, h]
+        k[position] = qkv[b, embd + start:embd + start + width]  # into the cache
+        v[position] = qkv[b, 2 * embd + start:2 * embd + start + width]
+        s = scores[pair]
+        largest, first = zero, True  # the largest score of a visible key
+        for j in range(position + 1):
+            if allowed[b, j]:
+                dot = zero
+                for d in range(width):
+                    dot += q[d] * k[j, d]
+                s[j] = dot * scale
+                largest = s[j] if first else max(largest, s[j])
+                first = False
+        total = zero
+        for j in range(position + 1):  # exp(s - max), 0 for a hidden key, and their sum
+            weight = _exp(s[j] - largest) if allowed[b, j] else zero
+            s[j] = weight
+            total += weight
+        o = out[b, start:start + width]
+        o[:] = zero
+        for j in range(position + 1):  # the values weighted by the softmax
+            if s[j] != zero:
+                for d in range(width):
+                    o[d] += s[j] * v[j, d]
+        o *= 1 / total
+
+
+def decode_attention(keys, values, qkv, position: int, allowed, out) -> None:
+    """Attention of one new position per sequence, as decoding with a KV cache does, in one call.
+
+    keys, values (B, H, L, D): a KV cache's buffers (C-contiguous), positions 0..position-1
+    filled; qkv (B, 3 H D): the new position's query, key and value (the attention's input
+    projection); allowed (B, position + 1) bool: which keys each sequence sees (False at left
+    padding; the new position itself must be True); out (B, H D): where the heads' outputs go,
+    side by side. Writes the new key and value at ``position`` of the buffers, then computes
+    ``softmax(q k^T / sqrt(D)) v`` over the allowed keys, as ``fused.ScaledDotProductAttention``
+    does with the cache's keys and a padding mask. The heads go on the team of threads (the
+    buffers' size decides, see ``_compile``: GPT-2's cache is large enough).
+
+    Why a kernel: for one query the arithmetic is tiny (12 heads x 64 keys x 64), and the array
+    code's dozen NumPy calls cost more than it, most of all when decoding, where each call finds
+    its code and data evicted from the caches by the weights the matrix-vector products stream
+    through (docs/performance.md, "Decoding")."""
+    scalar = qkv.dtype.type
+    scale = scalar(1 / np.sqrt(keys.shape[3]))  # 1 / sqrt(D)
+    scores = np.empty((keys.shape[0] * keys.shape[1], position + 1), qkv.dtype)
+    _decode_attention_heads(keys, values, qkv, position, allowed, scale, scalar(0), out, scores)
 
 
 # ------------------------------------------------------------------------------------ GELU

@@ -413,10 +413,16 @@ def matmul(a, b) -> Tensor:
     return MatMul.apply(*_operands(a, b))
 
 
+def autocast_dtype():
+    """The dtype ``linear`` multiplies float32 inputs in on this thread (inside ``autocast``),
+    or None."""
+    return getattr(_AUTOCAST, "dtype", None)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight + bias; x (..., in), weight (in, out), bias (out,) -> (..., out)."""
     inputs = (x, weight) if bias is None else (x, weight, bias)
-    cast = getattr(_AUTOCAST, "dtype", None)
+    cast = autocast_dtype()
     if cast is not None and weight.dtype == np.float32:
         return Linear.apply(*inputs, compute_dtype=cast)
     return Linear.apply(*inputs)

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .. import backend
+from .. import backend, blas, cpu_kernels
 from .. import functional as F
 from ..nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
-from ..tensor import Tensor
+from ..tensor import Tensor, is_grad_enabled
 
 
 @dataclass
@@ -156,6 +156,16 @@ class CausalSelfAttention(Module):
         y = y.permute(0, 2, 1, 3).reshape(B, T, C)  # (B, H, T, D) -> heads side by side (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def attend_one(self, h, cache: KVCache, allowed):
+        """``forward`` before its output projection, for one new position per sequence, on
+        arrays (see ``Block.decode_step``): h (B, C) -> the heads side by side (B, C). The new
+        keys and values go into ``cache``; ``allowed`` (B, Tk) bool: the keys each sees."""
+        qkv = _linear_rows(self.c_attn, h)  # (B, 3C): q, k, v side by side, as in forward
+        y = np.empty_like(h)
+        cpu_kernels.decode_attention(cache.k, cache.v, qkv, cache.length, allowed, y)
+        cache.length += 1
+        return y
+
 
 class MLP(Module):
     """Position-wise feed-forward network: expand 4x, GELU, project back."""
@@ -182,6 +192,47 @@ class Block(Module):
                 mask_is_causal: bool = False) -> Tensor:
         x = x + self.attn(self.ln_1(x), cache, attn_mask, mask_is_causal)
         return x + self.mlp(self.ln_2(x))
+
+    def decode_step(self, x, cache: KVCache, allowed) -> None:
+        """``forward`` for one new position per sequence, on arrays, without dropout or a graph:
+        x (B, C), the residual stream, updated in place. ``allowed`` (B, Tk) bool: the keys each
+        sequence sees (its padding left out). GPT uses it when decoding on the CPU
+        (``GPT.decodes_on_arrays``)."""
+        attn, mlp = self.attn, self.mlp
+        y = attn.attend_one(_layer_norm_rows(self.ln_1, x), cache, allowed)  # (B, C)
+        _linear_rows(attn.c_proj, y, add_to=x)  # x = x + attn(ln_1(x))
+        h = _linear_rows(mlp.c_fc, _layer_norm_rows(self.ln_2, x))  # (B, 4C)
+        t, gelu = np.empty_like(h), np.empty_like(h)  # tanh(...) (the kernel writes it), GELU
+        cpu_kernels.gelu_forward_rows(h, t, gelu, c=F.GELU_C, a=F.GELU_A)
+        _linear_rows(mlp.c_proj, gelu, add_to=x)  # x = x + mlp(ln_2(x))
+
+
+# Decoding with a KV cache runs the model on one new position per step. The arithmetic of a GPT-2
+# token is then its matrix-vector products, which stream 0.5 GB of weights through the caches, and
+# the modules' forward around them makes ~200 small ops per token, each a few NumPy calls that find
+# their code and data evicted by those weights: ~9 of the ~31 ms of a token here. On the CPU, with
+# the compiled kernels, ``GPT.hidden_states`` runs each block's ``decode_step`` instead: the same
+# formulas on the arrays, about ten calls per block (docs/performance.md, "Decoding"). Tests compare
+# it with the modules' forward.
+def _layer_norm_rows(norm: LayerNorm, x):
+    """``norm(x)`` for rows x (B, C), on arrays."""
+    y, xhat, rstd = np.empty_like(x), np.empty_like(x), np.empty((len(x), 1), x.dtype)
+    cpu_kernels.layer_norm_forward_rows(x, xhat, rstd, y, weight=norm.weight.data,
+                                        bias=None if norm.bias is None else norm.bias.data,
+                                        eps=norm.eps)
+    return y
+
+
+def _linear_rows(layer: Linear, x, add_to=None):
+    """``layer(x)`` for rows x (B, in), on arrays: (B, out); with ``add_to`` (B, out), added to
+    it in place (the product straight into it) and returned."""
+    bias = None if layer.bias is None else layer.bias.data
+    if add_to is None:
+        return backend.matmul(x, layer.weight.data, bias=bias)
+    blas.gemm(x, layer.weight.data, add_to, add=True)
+    if bias is not None:
+        add_to += bias
+    return add_to
 
 
 class GPT(Module):
@@ -276,18 +327,46 @@ class GPT(Module):
                                  f"positions (0..{config.context_length - 1}); crop the sequence "
                                  "or count positions from 0")
             positions = backend.to_device(positions, device)
-        dtype = self.wte.weight.dtype
-        if padding_mask is None:  # causal only: the same mask at every step, cached
-            attn_mask = self.causal_masks.get(T, start + T, device, dtype)  # (T, Tk)
-        else:  # no query attends to padding: (B, Tk) -> (B, 1, 1, Tk), with the causal mask
-            allowed = backend.to_device(_host_array(padding_mask), device).astype(bool)
-            blocked = F.causal_mask(T, start + T, xp) | ~allowed[:, None, None, :]
-            attn_mask = F.make_additive_mask(blocked, dtype)  # (B, 1, T, Tk), once per forward
         x = self.wte(ids) + self.wpe(positions)  # (B, T, C) + (T, C) or (B, T, C) -> (B, T, C)
         x = self.drop(x)
+        allowed = None if padding_mask is None else (  # (B, Tk): False at padding
+            backend.to_device(_host_array(padding_mask), device).astype(bool))
+        if caches and T == 1 and self.decodes_on_arrays(x, caches, allowed):
+            x = x.data.reshape(B, -1).copy()  # (B, C), the residual stream each block adds to
+            if allowed is None:
+                allowed = np.ones((B, start + 1), bool)
+            for block, cache in zip(self.h, caches, strict=True):
+                block.decode_step(x, cache, allowed)
+            return self.ln_f(Tensor(x.reshape(B, 1, -1)))
+        dtype = self.wte.weight.dtype
+        if allowed is None:  # causal only: the same mask at every step, cached
+            attn_mask = self.causal_masks.get(T, start + T, device, dtype)  # (T, Tk)
+        else:  # no query attends to padding: (B, Tk) -> (B, 1, 1, Tk), with the causal mask
+            blocked = F.causal_mask(T, start + T, xp) | ~allowed[:, None, None, :]
+            attn_mask = F.make_additive_mask(blocked, dtype)  # (B, 1, T, Tk), once per forward
         for i, block in enumerate(self.h):
             x = block(x, None if caches is None else caches[i], attn_mask, padding_mask is None)
         return self.ln_f(x)
+
+    def decodes_on_arrays(self, x: Tensor, caches, allowed) -> bool:
+        """Whether ``hidden_states`` may run the blocks' ``decode_step`` for this one position
+        x (B, 1, C): on the CPU with the compiled kernels, no graph wanted, no dropout, no
+        autocast, every block made of the plain layers (a LoRA-wrapped one has its own forward),
+        KVCache caches, and the new position visible to every sequence (``allowed`` (B, Tk) or
+        None)."""
+        if (is_grad_enabled() or F.autocast_dtype() is not None
+                or (self.training and self.config.dropout > 0)
+                or not cpu_kernels.enabled(backend.get_array_module(x.data), x.data)):
+            return False
+        if not all(type(cache) is KVCache for cache in caches):
+            return False
+        if allowed is not None and (allowed.shape != (x.shape[0], caches[0].length + 1)
+                                    or not allowed[:, -1].all()):
+            return False
+        return all(type(block.ln_1) is type(block.ln_2) is LayerNorm
+                   and type(block.attn.c_attn) is type(block.attn.c_proj) is Linear
+                   and type(block.mlp.c_fc) is type(block.mlp.c_proj) is Linear
+                   for block in self.h)
 
 
 def _host_array(array):
