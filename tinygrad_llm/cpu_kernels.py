@@ -512,7 +512,7 @@ def decode_attention(keys, values, qkv, position: int, allowed, out) -> None:
     Why a kernel: for one query the arithmetic is tiny (12 heads x 64 keys x 64), and the array
     code's dozen NumPy calls cost more than it, most of all when decoding, where each call finds
     its code and data evicted from the caches by the weights the matrix-vector products stream
-    through (docs/performance.md, "Decoding")."""
+    through (docs/performance.md, "Decoding on arrays")."""
     scalar = qkv.dtype.type
     scale = scalar(1 / np.sqrt(keys.shape[3]))  # 1 / sqrt(D)
     scores = np.empty((keys.shape[0] * keys.shape[1], position + 1), qkv.dtype)

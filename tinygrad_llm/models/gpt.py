@@ -212,8 +212,8 @@ class Block(Module):
 # the modules' forward around them makes ~200 small ops per token, each a few NumPy calls that find
 # their code and data evicted by those weights: ~9 of the ~31 ms of a token here. On the CPU, with
 # the compiled kernels, ``GPT.hidden_states`` runs each block's ``decode_step`` instead: the same
-# formulas on the arrays, about ten calls per block (docs/performance.md, "Decoding"). Tests compare
-# it with the modules' forward.
+# formulas on the arrays, about ten calls per block (docs/performance.md, "Decoding on arrays").
+# Tests compare it with the modules' forward.
 def _layer_norm_rows(norm: LayerNorm, x):
     """``norm(x)`` for rows x (B, C), on arrays."""
     y, xhat, rstd = np.empty_like(x), np.empty_like(x), np.empty((len(x), 1), x.dtype)
