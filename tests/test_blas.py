@@ -3,6 +3,7 @@ TINYGRAD_LLM_MKL is not 0), else NumPy's OpenBLAS and its batched product."""
 
 import functools
 import importlib.util
+import itertools
 import os
 import platform
 import sys
@@ -166,8 +167,9 @@ def test_shapes_that_do_not_match_raise_as_numpy_does():
 @pytest.mark.parametrize("mkl", [True, False], ids=["mkl where installed", "numpy"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_backend_matmul_adds_the_bias_as_numpy_would(mkl, threads, monkeypatch):
-    # MKL: the output filled with the bias, then the product added (beta = 1); otherwise each
-    # block of rows gets the bias after its product
+    # MKL: the output filled with the bias (a 300 x 130 output by cpu_kernels.fill_rows where
+    # numba is installed), then the product added (beta = 1); otherwise each block of rows gets
+    # the bias after its product
     from tinygrad_llm import backend
 
     if not mkl:
@@ -175,10 +177,12 @@ def test_backend_matmul_adds_the_bias_as_numpy_would(mkl, threads, monkeypatch):
     monkeypatch.setattr(backend, "PARALLEL_MIN_ELEMENTS", 0)
     monkeypatch.setattr(backend, "_threads", threads)
     rng = np.random.default_rng(7)
-    for dtype in (np.float32, np.float64):
-        a = stack(rng, (37, 19), dtype)
-        for b in (stack(rng, (19, 23), dtype), stack(rng, (19, 23), dtype, transposed=True)):
-            bias = rng.standard_normal(23).astype(dtype)
+    for dtype, (rows, columns) in itertools.product((np.float32, np.float64),
+                                                    ((37, 23), (300, 130))):
+        a = stack(rng, (rows, 19), dtype)
+        for b in (stack(rng, (19, columns), dtype),
+                  stack(rng, (19, columns), dtype, transposed=True)):
+            bias = rng.standard_normal(columns).astype(dtype)
             expected = a @ b + bias
             got = backend.matmul(a, b, bias=bias)
             np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == np.float32 else 1e-12)

@@ -187,6 +187,15 @@ def test_decode_attention_kernel_matches_the_array_code(batch, heads, dim, posit
     np.testing.assert_array_equal(keys[:, :, position + 1:], untouched)  # nothing beyond
 
 
+@pytest.mark.parametrize("shape", [(3, 5), (300, 257)])  # the second on the team
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fill_rows_writes_the_row_into_every_row(shape, dtype):
+    row = np.random.default_rng(0).standard_normal(shape[1]).astype(dtype)
+    out = np.full(shape, np.nan, dtype)
+    cpu_kernels.fill_rows(out, row)
+    np.testing.assert_array_equal(out, np.broadcast_to(row, shape))
+
+
 @pytest.mark.parametrize("shape", [(7,), (3, 33), (2, 300, 257)])  # the last on the team
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gelu_kernels_match_the_array_code(shape, dtype):
@@ -311,8 +320,13 @@ def _each_kernel(rng, dtype):
         cpu_kernels.decode_attention(keys, values, qkv, 100, allowed, out)
         return [keys, values, out]
 
+    def fill_rows():
+        out = np.empty_like(x)
+        cpu_kernels.fill_rows(out, w)
+        return [out]
+
     return [("layer_norm", layer_norm), ("softmax", softmax), ("gelu", gelu), ("adamw", adamw),
-            ("decode_attention", decode_attention)]
+            ("decode_attention", decode_attention), ("fill_rows", fill_rows)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -279,7 +279,8 @@ def mkl_gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False,
     """out[...] = a @ b (with ``add``: out += a @ b; with ``bias`` (N,): out[...] = a @ b +
     bias) for matrices a (M, K), b (K, N), out (M, N) on MKL's ``cblas_?gemm``. The bias is
     written into ``out`` first and the product added to it (beta = 1), as PyTorch's ``addmm``
-    does: a pass that only writes the output, where adding it after would read and write it.
+    does: a pass that only writes the output, where adding it after would read and write it
+    (on a large output by a compiled kernel on the team of threads, ``cpu_kernels.fill_rows``).
     Returns False, having done nothing, when MKL is not installed, for arrays that are not
     matrices or that it cannot read (``_blas_layouts``), or for a small matrix-vector product
     (``SMALL_GEMV_ELEMENTS``).
@@ -296,7 +297,12 @@ def mkl_gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False,
     if layouts is None:
         return False
     if bias is not None:
-        out[...] = bias
+        from tinygrad_llm import cpu_kernels
+
+        if out.size >= cpu_kernels.PARALLEL_MIN_ELEMENTS and cpu_kernels.enabled(np, out, bias):
+            cpu_kernels.fill_rows(out, bias)  # on the team of threads
+        else:
+            out[...] = bias
     beta = 1.0 if add or bias is not None else 0.0
     (trans_a, lda), (trans_b, ldb), ldc = layouts
     single = out.dtype == np.float32
