@@ -366,3 +366,17 @@ def test_a_split_op_runs_its_kernels_on_one_thread():
     assert cpu_kernels.team_threads() == blas.mkl().MKL_Get_Max_Threads() >= 1
     with blas.one_thread_here():
         assert cpu_kernels.team_threads() == 1
+
+
+def test_decode_attention_refuses_arrays_that_do_not_fit():
+    # the kernel reads and writes by index without checks: the wrapper checks the shapes first
+    keys = np.zeros((2, 3, 8, 4), np.float32)
+    qkv, out = np.zeros((2, 36), np.float32), np.zeros((2, 12), np.float32)
+    for bad in [dict(position=8), dict(allowed=np.ones((1, 6), bool)),
+                dict(qkv=np.zeros((1, 36), np.float32)), dict(out=np.zeros((2, 11), np.float32))]:
+        arguments = dict(keys=keys, values=keys.copy(), qkv=qkv, position=5,
+                         allowed=np.ones((2, 6), bool), out=out) | bad
+        if "position" in bad:
+            arguments["allowed"] = np.ones((2, bad["position"] + 1), bool)
+        with pytest.raises(ValueError, match="do not fit"):
+            cpu_kernels.decode_attention(**arguments)

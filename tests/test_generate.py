@@ -190,7 +190,7 @@ def test_decoding_on_arrays_gives_the_modules_logits_and_caches(bias, qkv_bias, 
     backend.manual_seed(5)
     config = GPTConfig(vocab_size=13, context_length=12, n_layer=2, n_head=2, n_embd=16,
                        bias=bias, qkv_bias=qkv_bias)
-    model = GPT(config)
+    model = GPT(config).eval()
     for p in model.parameters():
         p.data *= 4
     ids = np.array([[0, 0, 0, 4, 1, 7, 7, 2, 9], [3, 5, 8, 1, 2, 6, 6, 0, 11]])
@@ -228,9 +228,9 @@ def test_decoding_on_arrays_gives_the_modules_logits_and_caches(bias, qkv_bias, 
 
 
 def test_decoding_on_arrays_only_where_it_computes_the_forward(monkeypatch):
-    # the modules' forward runs when a graph is wanted, with dropout, under autocast, with a
-    # LoRA-wrapped layer, a cache of another kind, a padded new position, the kernels off, or
-    # on a GPU
+    # the modules' forward runs when a graph is wanted, in training mode, under autocast, with
+    # a LoRA-wrapped layer or a subclassed block, a cache of another kind or of another batch
+    # size, a padded new position, or the kernels off (a GPU's arrays: cpu_kernels.enabled)
     pytest.importorskip("numba")
     from tinygrad_llm import functional as F
     from tinygrad_llm.lora import apply_lora
@@ -249,9 +249,19 @@ def test_decoding_on_arrays_only_where_it_computes_the_forward(monkeypatch):
         monkeypatch.setenv("TINYGRAD_LLM_CPU_KERNELS", "0")
         assert not model.decodes_on_arrays(x, caches, None)
         monkeypatch.delenv("TINYGRAD_LLM_CPU_KERNELS")
+        assert not model.decodes_on_arrays(x, model.new_kv_cache(2), None)  # 2 rows, 1 sequence
         model.train()  # dropout 0.1 applies while training
         assert not model.decodes_on_arrays(x, caches, None)
         model.eval()
+
+        class MyBlock(type(model.h[0])):
+            pass
+
+        block = model.h[1]
+        block.__class__ = MyBlock  # a subclass may have a forward of its own
+        assert not model.decodes_on_arrays(x, caches, None)
+        block.__class__ = MyBlock.__base__
+        assert model.decodes_on_arrays(x, caches, None)
     assert not model.decodes_on_arrays(x, caches, None)  # gradients wanted
     apply_lora(model, rank=2)
     with no_grad():

@@ -29,7 +29,8 @@ the kernels compute them with arithmetic of their own that the compiler vectoriz
 tanh, float32"): GELU and the softmax are one pass each.
 
 Sums and means accumulate in float64 (the ``0.0`` they start from), which is more exact than
-the float32 of the array code; the passes over the elements run in the arrays' own dtype (a
+the float32 of the array code (the decoding attention's dot products excepted: they sum in the
+arrays' dtype, as BLAS does); the passes over the elements run in the arrays' own dtype (a
 float64 scalar inside a float32 loop would make it a float64 loop: see each kernel). They are
 compiled with NumPy's error model: a division by zero gives inf or nan, as in the array code,
 where numba's default (Python's) tests every divisor and raises, which keeps a loop that divides
@@ -460,7 +461,7 @@ def softmax_backward(dprobs, probs, delta) -> None:
 
 # --------------------------------------------------------- decoding: one query's attention
 @_compile(parallel=True)
-def _decode_attention_heads(keys, values, qkv, position, allowed, scale, zero, out, scores):
+def _decode_attention_heads(keys, values, qkv, position, allowed, scale, zero, one, out, scores):
     # keys, values (B, H, L, D): the KV cache's whole buffers; qkv (B, 3 H D): the new
     # position's q, k, v side by side; allowed (B, position + 1); out (B, H D); scores (B H, L).
     # One (sequence, head) per iteration, on the team's threads. The sums run in the arrays'
@@ -494,7 +495,7 @@ def _decode_attention_heads(keys, values, qkv, position, allowed, scale, zero, o
             if s[j] != zero:
                 for d in range(width):
                     o[d] += s[j] * v[j, d]
-        o *= 1 / total
+        o *= one / total  # total >= 1: the largest visible score gives exp(0)
 
 
 def decode_attention(keys, values, qkv, position: int, allowed, out) -> None:
@@ -503,8 +504,9 @@ def decode_attention(keys, values, qkv, position: int, allowed, out) -> None:
     keys, values (B, H, L, D): a KV cache's buffers (C-contiguous), positions 0..position-1
     filled; qkv (B, 3 H D): the new position's query, key and value (the attention's input
     projection); allowed (B, position + 1) bool: which keys each sequence sees (False at left
-    padding; the new position itself must be True); out (B, H D): where the heads' outputs go,
-    side by side. Writes the new key and value at ``position`` of the buffers, then computes
+    padding; the new position itself True: a sequence that saw no key would come out NaN,
+    where the array code gives the mean of the values); out (B, H D): where the heads' outputs
+    go, side by side. Writes the new key and value at ``position`` of the buffers, then computes
     ``softmax(q k^T / sqrt(D)) v`` over the allowed keys, as ``fused.ScaledDotProductAttention``
     does with the cache's keys and a padding mask. The heads go on the team of threads (the
     buffers' size decides, see ``_compile``: GPT-2's cache is large enough).
@@ -513,10 +515,18 @@ def decode_attention(keys, values, qkv, position: int, allowed, out) -> None:
     code's dozen NumPy calls cost more than it, most of all when decoding, where each call finds
     its code and data evicted from the caches by the weights the matrix-vector products stream
     through (docs/performance.md, "Decoding on arrays")."""
+    batch, heads, length, width = keys.shape
+    # the kernel does not check its indices: what it reads and writes must be there
+    if not (0 <= position < length and qkv.shape == (batch, 3 * heads * width)
+            and out.shape == (batch, heads * width) and allowed.shape == (batch, position + 1)
+            and values.shape == keys.shape):
+        raise ValueError(f"decode_attention: cache {keys.shape}, qkv {qkv.shape}, out "
+                         f"{out.shape}, allowed {allowed.shape} do not fit position {position}")
     scalar = qkv.dtype.type
-    scale = scalar(1 / np.sqrt(keys.shape[3]))  # 1 / sqrt(D)
-    scores = np.empty((keys.shape[0] * keys.shape[1], position + 1), qkv.dtype)
-    _decode_attention_heads(keys, values, qkv, position, allowed, scale, scalar(0), out, scores)
+    scale = scalar(1 / np.sqrt(width))  # 1 / sqrt(D)
+    scores = np.empty((batch * heads, position + 1), qkv.dtype)
+    _decode_attention_heads(keys, values, qkv, position, allowed, scale, scalar(0), scalar(1),
+                            out, scores)
 
 
 # ------------------------------------------------------------------------------------ GELU
@@ -568,6 +578,7 @@ def fill_rows(out, row) -> None:
     """out[...] = row for out (N, M) and row (M,): the bias a product then adds to
     (``blas.mkl_gemm``, for outputs of PARALLEL_MIN_ELEMENTS and more), on the team of threads
     where NumPy's broadcast copy takes one. A
-    768 x 128 x 384 product with its bias took 445 against 510 us (no bias: 392), the baby's
-    training step 0.984x the time (docs/performance.md, "Decoding on arrays")."""
+    768 x 128 x 384 product with its bias took 445 against 510 us (no bias: 392); a training
+    step 0.971x the time on the baby, 0.975x on 6 x 384 (docs/performance.md, "Decoding on
+    arrays")."""
     _fill_rows(out, row)

@@ -7,12 +7,17 @@
 
 Parameter names follow GPT-2's checkpoints (``wte``, ``h.0.attn.c_attn`` ...), and linear weights
 are (in, out) like theirs, so loading OpenAI's weights is a renaming-free copy.
+
+Decoding with a KV cache on the CPU (one new position per step) runs each block's
+``decode_step``: the blocks' formulas on the arrays, in fewer calls (see the comment above
+``_layer_norm_rows``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from operator import attrgetter
 
 import numpy as np
 
@@ -121,6 +126,34 @@ class CausalMaskCache:
         return self.masks[key]
 
 
+# Decoding with a KV cache runs the model on one new position per step. The arithmetic of a GPT-2
+# token is then its matrix-vector products, which stream 0.5 GB of weights through the caches, and
+# the modules' forward around them makes ~200 small ops per token, each a few NumPy calls that find
+# their code and data evicted by those weights: ~9 of the ~31 ms of a token here. On the CPU, with
+# the compiled kernels, ``GPT.hidden_states`` runs each block's ``decode_step`` instead: the same
+# formulas on the arrays, about ten calls per block (docs/performance.md, "Decoding on arrays"),
+# with these two helpers for the layers. Tests compare it with the modules' forward.
+def _layer_norm_rows(norm: LayerNorm, x):
+    """``norm(x)`` for rows x (B, C), on arrays."""
+    y, xhat, rstd = np.empty_like(x), np.empty_like(x), np.empty((len(x), 1), x.dtype)
+    cpu_kernels.layer_norm_forward_rows(x, xhat, rstd, y, weight=norm.weight.data,
+                                        bias=None if norm.bias is None else norm.bias.data,
+                                        eps=norm.eps)
+    return y
+
+
+def _linear_rows(layer: Linear, x, add_to=None):
+    """``layer(x)`` for rows x (B, in), on arrays: (B, out); with ``add_to`` (B, out), added to
+    it in place (the product straight into it) and returned."""
+    bias = None if layer.bias is None else layer.bias.data
+    if add_to is None:
+        return backend.matmul(x, layer.weight.data, bias=bias)
+    blas.gemm(x, layer.weight.data, add_to, add=True)  # add_to += x W
+    if bias is not None:
+        add_to += bias  # (forward adds the bias before the residual sum: equal up to rounding)
+    return add_to
+
+
 class CausalSelfAttention(Module):
     """Multi-head attention in which each position sees itself and the positions before it."""
 
@@ -162,6 +195,8 @@ class CausalSelfAttention(Module):
         keys and values go into ``cache``; ``allowed`` (B, Tk) bool: the keys each sees."""
         qkv = _linear_rows(self.c_attn, h)  # (B, 3C): q, k, v side by side, as in forward
         y = np.empty_like(h)
+        # k, v of this position into cache.k, cache.v (B, H, L, D) at t = cache.length; then per
+        # head: y_h = softmax(q_h K_h[:t+1]^T / sqrt(D), the padded keys left out) V_h[:t+1]
         cpu_kernels.decode_attention(cache.k, cache.v, qkv, cache.length, allowed, y)
         cache.length += 1
         return y
@@ -205,34 +240,6 @@ class Block(Module):
         t, gelu = np.empty_like(h), np.empty_like(h)  # tanh(...) (the kernel writes it), GELU
         cpu_kernels.gelu_forward_rows(h, t, gelu, c=F.GELU_C, a=F.GELU_A)
         _linear_rows(mlp.c_proj, gelu, add_to=x)  # x = x + mlp(ln_2(x))
-
-
-# Decoding with a KV cache runs the model on one new position per step. The arithmetic of a GPT-2
-# token is then its matrix-vector products, which stream 0.5 GB of weights through the caches, and
-# the modules' forward around them makes ~200 small ops per token, each a few NumPy calls that find
-# their code and data evicted by those weights: ~9 of the ~31 ms of a token here. On the CPU, with
-# the compiled kernels, ``GPT.hidden_states`` runs each block's ``decode_step`` instead: the same
-# formulas on the arrays, about ten calls per block (docs/performance.md, "Decoding on arrays").
-# Tests compare it with the modules' forward.
-def _layer_norm_rows(norm: LayerNorm, x):
-    """``norm(x)`` for rows x (B, C), on arrays."""
-    y, xhat, rstd = np.empty_like(x), np.empty_like(x), np.empty((len(x), 1), x.dtype)
-    cpu_kernels.layer_norm_forward_rows(x, xhat, rstd, y, weight=norm.weight.data,
-                                        bias=None if norm.bias is None else norm.bias.data,
-                                        eps=norm.eps)
-    return y
-
-
-def _linear_rows(layer: Linear, x, add_to=None):
-    """``layer(x)`` for rows x (B, in), on arrays: (B, out); with ``add_to`` (B, out), added to
-    it in place (the product straight into it) and returned."""
-    bias = None if layer.bias is None else layer.bias.data
-    if add_to is None:
-        return backend.matmul(x, layer.weight.data, bias=bias)
-    blas.gemm(x, layer.weight.data, add_to, add=True)
-    if bias is not None:
-        add_to += bias
-    return add_to
 
 
 class GPT(Module):
@@ -332,12 +339,7 @@ class GPT(Module):
         allowed = None if padding_mask is None else (  # (B, Tk): False at padding
             backend.to_device(_host_array(padding_mask), device).astype(bool))
         if caches and T == 1 and self.decodes_on_arrays(x, caches, allowed):
-            x = x.data.reshape(B, -1).copy()  # (B, C), the residual stream each block adds to
-            if allowed is None:
-                allowed = np.ones((B, start + 1), bool)
-            for block, cache in zip(self.h, caches, strict=True):
-                block.decode_step(x, cache, allowed)
-            return self.ln_f(Tensor(x.reshape(B, 1, -1)))
+            return self.ln_f(self._decode_blocks(x, caches, allowed))
         dtype = self.wte.weight.dtype
         if allowed is None:  # causal only: the same mask at every step, cached
             attn_mask = self.causal_masks.get(T, start + T, device, dtype)  # (T, Tk)
@@ -350,23 +352,37 @@ class GPT(Module):
 
     def decodes_on_arrays(self, x: Tensor, caches, allowed) -> bool:
         """Whether ``hidden_states`` may run the blocks' ``decode_step`` for this one position
-        x (B, 1, C): on the CPU with the compiled kernels, no graph wanted, no dropout, no
-        autocast, every block made of the plain layers (a LoRA-wrapped one has its own forward),
-        KVCache caches, and the new position visible to every sequence (``allowed`` (B, Tk) or
-        None)."""
-        if (is_grad_enabled() or F.autocast_dtype() is not None
-                or (self.training and self.config.dropout > 0)
+        x (B, 1, C): where it computes what the modules' forward computes. On the CPU with the
+        compiled kernels, in eval mode (no dropout), no graph wanted, no autocast; the blocks
+        made of exactly the layers above (a LoRA-wrapped layer or a subclass has a forward of
+        its own); a ``KVCache`` per block with a row per sequence; the new position visible to
+        every sequence (``allowed`` (B, Tk) or None)."""
+        if (self.training or is_grad_enabled() or F.autocast_dtype() is not None
                 or not cpu_kernels.enabled(backend.get_array_module(x.data), x.data)):
             return False
-        if not all(type(cache) is KVCache for cache in caches):
+        batch = x.shape[0]
+        if not all(type(cache) is KVCache and cache.k.shape[0] == batch for cache in caches):
             return False
-        if allowed is not None and (allowed.shape != (x.shape[0], caches[0].length + 1)
+        if allowed is not None and (allowed.shape != (batch, caches[0].length + 1)
                                     or not allowed[:, -1].all()):
             return False
-        return all(type(block.ln_1) is type(block.ln_2) is LayerNorm
-                   and type(block.attn.c_attn) is type(block.attn.c_proj) is Linear
-                   and type(block.mlp.c_fc) is type(block.mlp.c_proj) is Linear
-                   for block in self.h)
+        plain = {"ln_1": LayerNorm, "ln_2": LayerNorm, "attn": CausalSelfAttention, "mlp": MLP,
+                 "attn.c_attn": Linear, "attn.c_proj": Linear, "mlp.c_fc": Linear,
+                 "mlp.c_proj": Linear}
+        return all(type(block) is Block and all(
+            type(attrgetter(name)(block)) is kind for name, kind in plain.items())
+            for block in self.h)
+
+    def _decode_blocks(self, x: Tensor, caches, allowed) -> Tensor:
+        """The blocks' ``decode_step`` on x (B, 1, C), one new position per sequence: the
+        hidden states (B, 1, C) before ``ln_f``, as the blocks' forward gives them."""
+        B = x.shape[0]
+        residual = x.data.reshape(B, -1).copy()  # (B, C): each block adds to it in place
+        if allowed is None:  # no padding: every key
+            allowed = np.ones((B, caches[0].length + 1), bool)
+        for block, cache in zip(self.h, caches, strict=True):
+            block.decode_step(residual, cache, allowed)
+        return Tensor(residual.reshape(B, 1, -1))
 
 
 def _host_array(array):
