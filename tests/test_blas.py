@@ -109,16 +109,31 @@ def test_small_matrices_stay_away_from_the_batched_call(counted):
 @pytest.mark.parametrize("transpose_a", [False, True])
 @pytest.mark.parametrize("transpose_b", [False, True])
 @pytest.mark.parametrize("add", [False, True])
-def test_gemm_equals_numpys(dtype, transpose_a, transpose_b, add):
-    # with MKL installed through cblas_?gemm (x W, g W^T and x^T g of a linear layer), without
-    # it through np.matmul
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled call", "ctypes call"])
+def test_gemm_equals_numpys(dtype, transpose_a, transpose_b, add, compiled, monkeypatch):
+    # with MKL installed through cblas_?gemm (x W, g W^T and x^T g of a linear layer), called
+    # from compiled code where numba is installed (cpu_kernels.gemm) or through ctypes; without
+    # MKL through np.matmul. M, K and N differ, and one operand's rows are a wider array's.
+    from tinygrad_llm import cpu_kernels
+
+    if compiled and not (blas.mkl() and cpu_kernels.enabled(np)):
+        pytest.skip("needs MKL and numba")
+    if not compiled:
+        monkeypatch.setenv("TINYGRAD_LLM_CPU_KERNELS", "0")
+    calls = []
+    real = cpu_kernels.gemm
+    monkeypatch.setattr(cpu_kernels, "gemm", lambda *args: calls.append(1) or real(*args))
     rng = np.random.default_rng(4)
     a, b = stack(rng, (70, 50), dtype, transpose_a), stack(rng, (50, 30), dtype, transpose_b)
-    out = rng.standard_normal((70, 30)).astype(dtype)
-    expected = out + a @ b if add else a @ b
-    assert blas.gemm(a, b, out, add=add) is out
-    np.testing.assert_allclose(out, expected, rtol=1e-4 if dtype == np.float32 else 1e-12,
-                               atol=1e-4 if dtype == np.float32 else 1e-12)
+    for wide_rows in (False, True):
+        if wide_rows:  # rows 80 elements apart (BLAS's leading dimension > the columns)
+            a = stack(rng, (70, 80), dtype, transpose_a)[:, 10:60]
+        out = rng.standard_normal((70, 30)).astype(dtype)
+        expected = out + a @ b if add else a @ b
+        assert blas.gemm(a, b, out, add=add) is out
+        np.testing.assert_allclose(out, expected, rtol=1e-4 if dtype == np.float32 else 1e-12,
+                                   atol=1e-4 if dtype == np.float32 else 1e-12)
+    assert len(calls) == (2 if compiled else 0)
 
 
 def test_gemm_of_what_blas_cannot_take():

@@ -142,6 +142,98 @@ def test_causal_softmax_kernels_match_the_array_code(batch, heads, tq, extra_key
         np.testing.assert_allclose(compiled, reference, rtol=tolerance, atol=tolerance)
 
 
+def _attention_kernels_run() -> bool:
+    from tinygrad_llm import blas
+
+    return blas.mkl() is not None and cpu_kernels.attention_enabled(np.zeros((1, 1, 1, 1)))
+
+
+@settings(deadline=None)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 3), tq=st.integers(1, 9),
+       extra_keys=st.integers(0, 3), dim=st.integers(1, 9), rows=st.sampled_from([2, 3, 64]),
+       packed=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]),
+       seed=st.integers(0, 2**16))
+def test_attention_kernels_match_the_array_code(batch, heads, tq, extra_keys, dim, rows, packed,
+                                                dtype, seed):
+    # each (sequence, head)'s products and softmax in one kernel, on the arrays as a GPT has
+    # them: q, k, v (B, H, T, D) views of (B, T, H, D) memory, or of one packed (B, T, 3, H, D)
+    # array (the input projection's output); blocks of 2, 3 or 64 queries; a KV cache's extra
+    # keys. Against the array code, and the kernels must really have run.
+    from tinygrad_llm import fused
+
+    if not _attention_kernels_run():
+        pytest.skip("needs MKL (the attention kernels call its products)")
+    rng = np.random.default_rng(seed)
+    tk = tq + extra_keys
+
+    def heads_view(length, parts):  # (parts of) (B, T, parts, H, D) memory as (B, H, T, D)
+        memory = rng.standard_normal((batch, length, parts, heads, dim)).astype(dtype) * 2
+        return [memory[:, :, i].transpose(0, 2, 1, 3) for i in range(parts)]
+
+    if packed and extra_keys == 0:
+        q, k, v = heads_view(tq, 3)
+    else:
+        (q,), (k, v) = heads_view(tq, 1), heads_view(tk, 2)
+    g = heads_view(tq, 1)[0]
+    ran = []
+
+    def compute():
+        tensors = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+        out = F.scaled_dot_product_attention(*tensors, causal=True)
+        out.backward(Tensor(g))
+        return [out.numpy()] + [t.grad for t in tensors]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "CAUSAL_BLOCK_ROWS", rows)
+        for name in ("attention_forward", "attention_backward"):
+            real = getattr(cpu_kernels, name)
+            patch.setattr(cpu_kernels, name,
+                          lambda *a, real=real, name=name, **k: ran.append(name) or real(*a, **k))
+        results = both_ways(compute)
+    blocks = -(-tq // rows)
+    assert ran == ["attention_forward"] * blocks + ["attention_backward"] * blocks
+    tolerance = {np.float32: 1e-5, np.float64: 1e-12}[dtype]
+    for reference, compiled in zip(*results, strict=True):
+        np.testing.assert_allclose(compiled, reference, rtol=tolerance, atol=tolerance)
+
+
+def test_attention_kernels_take_a_broadcast_gradient():
+    # out.sum()'s gradient is one broadcast array (no rows BLAS can read): copied first
+    if not _attention_kernels_run():
+        pytest.skip("needs MKL (the attention kernels call its products)")
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal((2, 3, 5, 4)).astype(np.float32) for _ in range(3)]
+
+    def compute():
+        tensors = [Tensor(a, requires_grad=True) for a in arrays]
+        F.scaled_dot_product_attention(*tensors, causal=True).sum().backward()
+        return [t.grad for t in tensors]
+
+    for reference, compiled in zip(*both_ways(compute), strict=True):
+        np.testing.assert_allclose(compiled, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_kernels_refuse_arrays_that_do_not_fit():
+    # the kernels index without checks and BLAS reads by address: the wrappers check first
+    if not _attention_kernels_run():
+        pytest.skip("needs MKL (the attention kernels call its products)")
+    q = np.zeros((2, 3, 5, 4), np.float32)
+    kv = np.zeros((2, 3, 7, 4), np.float32)
+    fine = dict(q=q, k=kv, v=kv, probs=np.zeros((2, 3, 5, 7), np.float32), out=q.copy())
+    cpu_kernels.attention_forward(**fine, diagonal=2)
+    for bad in [dict(k=kv[:, :, :6]), dict(v=kv[:1]), dict(probs=np.zeros((2, 3, 5, 6))),
+                dict(probs=np.zeros((2, 3, 7, 5), np.float32).swapaxes(-1, -2)),
+                dict(out=q[:, :2]), dict(q=q.astype(np.float64)), dict(q=q[..., ::2]),
+                dict(out=np.zeros((2, 3, 4, 5), np.float32).swapaxes(-1, -2))]:
+        with pytest.raises(ValueError, match="do not fit"):
+            cpu_kernels.attention_forward(**(fine | bad), diagonal=2)
+    grads = dict(g=q, dq=q.copy(), dk=kv.copy(), dv=kv.copy())
+    cpu_kernels.attention_backward(**fine, **grads, scale=0.5, add=False)
+    for bad in [dict(dk=q.copy()), dict(g=kv), dict(dq=q[:, :, :4])]:
+        with pytest.raises(ValueError, match="do not fit"):
+            cpu_kernels.attention_backward(**fine, **(grads | bad), scale=0.5, add=True)
+
+
 def test_causal_softmax_kernel_zeroes_what_a_query_may_not_see():
     scores = np.random.default_rng(0).standard_normal((2, 3, 5)).astype(np.float32)
     expected = np.where(np.arange(5) <= np.arange(3)[:, None] + 1, np.exp(scores), 0)
@@ -325,8 +417,22 @@ def _each_kernel(rng, dtype):
         cpu_kernels.fill_rows(out, w)
         return [out]
 
-    return [("layer_norm", layer_norm), ("softmax", softmax), ("gelu", gelu), ("adamw", adamw),
-            ("decode_attention", decode_attention), ("fill_rows", fill_rows)]
+    q, k, v, g4 = (rng.standard_normal((2, 4, 130, 32)).astype(dtype) for _ in range(4))
+
+    def attention():  # as the model lays them out: q (B, H, T, D) seen from (B, T, H, D)
+        view = np.empty((2, 130, 4, 32), dtype).transpose(0, 2, 1, 3)
+        view[...] = q
+        probs, out = np.empty((2, 4, 130, 130), dtype), np.empty_like(view)
+        cpu_kernels.attention_forward(view, k, v, probs, out, 0)
+        dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+        cpu_kernels.attention_backward(view, k, v, probs, out, g4, dq, dk, dv, 0.2, add=False)
+        return [probs, out, dq, dk, dv]
+
+    kernels = [("layer_norm", layer_norm), ("softmax", softmax), ("gelu", gelu),
+               ("adamw", adamw), ("decode_attention", decode_attention), ("fill_rows", fill_rows)]
+    if _attention_kernels_run():
+        kernels.append(("attention", attention))
+    return kernels
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

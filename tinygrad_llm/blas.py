@@ -296,9 +296,9 @@ def mkl_gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False,
     layouts = (one_row and _one_row_layouts(a, b, out)) or _blas_layouts(a, b, out)
     if layouts is None:
         return False
-    if bias is not None:
-        from tinygrad_llm import cpu_kernels
+    from tinygrad_llm import cpu_kernels
 
+    if bias is not None:
         if out.size >= cpu_kernels.PARALLEL_MIN_ELEMENTS and cpu_kernels.enabled(np, out, bias):
             cpu_kernels.fill_rows(out, bias)  # on the team of threads
         else:
@@ -318,6 +318,9 @@ def mkl_gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False,
             (library.cblas_sgemv if single else library.cblas_dgemv)(
                 ROW_MAJOR, trans, rows, columns, 1.0, b.ctypes.data, ldb, a.ctypes.data, 1,
                 beta, out.ctypes.data, 1)
+        return True
+    if cpu_kernels.enabled(np):  # with numba: the call from compiled code (cheaper)
+        cpu_kernels.gemm(trans_a, trans_b, a, lda, b, ldb, beta, out, ldc)
         return True
     (library.cblas_sgemm if single else library.cblas_dgemm)(
         ROW_MAJOR, trans_a, trans_b, m, n, k, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb,

@@ -227,13 +227,14 @@ LN2_HIGH, LN2_LOW = 0.693359375, -2.12194440e-4  # ln 2 = LN2_HIGH + LN2_LOW (LN
 # float32 rounding leaves ln 2 off by ~1e-11: 1e-9 of r at k = 127, below float32's resolution)
 
 # what the kernels call besides arithmetic, set by _load_numba before the first one compiles:
-# exp and tanh (above), and numba's prange, a loop whose iterations may run on several threads
-_exp = _tanh = None
+# exp and tanh (above), numba's prange, a loop whose iterations may run on several threads, and
+# _gemm, a call of MKL's cblas_?gemm from inside a kernel ("attention on MKL's team" below)
+_exp = _tanh = _gemm = _softmax_row = _at = _leading = None
 prange = range
 
 
 def _load_numba() -> None:
-    global _exp, _tanh, prange
+    global _exp, _tanh, _gemm, prange, _softmax_row, _at, _leading
     if _exp is not None:
         return
     import math
@@ -293,7 +294,41 @@ def _load_numba() -> None:
     # inlined into each kernel, they are compiled with the kernel's options (fastmath ...)
     overload(exp, inline="always")(by_dtype(exp_float32, lambda x: math.exp(x)))
     overload(tanh, inline="always")(by_dtype(tanh_float32, lambda x: math.tanh(x)))
-    _exp, _tanh, prange = exp, tanh, numba.prange
+
+    @intrinsic
+    def gemm(typing_context, function, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta,
+             c, ldc):
+        # a call of the C function at address ``function`` (cblas_sgemm or cblas_dgemm, by
+        # alpha's type) with the matrices' addresses a, b, c as integers: the address comes in
+        # as an argument, so that a kernel that calls it holds no address of this process and
+        # numba can cache it on disk
+        scalar = ir.FloatType() if alpha == numba_types.float32 else ir.DoubleType()
+        integer, pointer = ir.IntType(32), ir.IntType(8).as_pointer()
+        c_type = ir.FunctionType(ir.VoidType(), [integer] * 6 + [scalar, pointer, integer,
+                                                                 pointer, integer, scalar,
+                                                                 pointer, integer])
+
+        def codegen(context, builder, signature, arguments):
+            def cast(index, to):
+                return context.cast(builder, arguments[index], signature.args[index], to)
+
+            trans_a, trans_b, m, n, k, lda, ldb, ldc = (cast(i, numba_types.int32)
+                                                        for i in (1, 2, 3, 4, 5, 8, 10, 13))
+            a, b, c = (builder.inttoptr(cast(i, numba_types.intp), pointer) for i in (7, 9, 12))
+            target = builder.inttoptr(cast(0, numba_types.intp), c_type.as_pointer())
+            row_major = ir.Constant(integer, 101)  # CBLAS's enum
+            builder.call(target, [row_major, trans_a, trans_b, m, n, k, cast(6, alpha), a, lda,
+                                  b, ldb, cast(11, alpha), c, ldc])
+            return context.get_dummy_value()
+
+        return numba_types.void(function, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb,
+                                beta, c, ldc), codegen
+
+    _exp, _tanh, _gemm, prange = exp, tanh, gemm, numba.prange
+    # the helpers the kernels share (numba compiles them into each kernel that calls them)
+    _softmax_row, _at, _leading = (
+        numba.njit(nogil=True, fastmath=_FASTMATH, error_model="numpy")(code)
+        for code in (_softmax_row_code, _at_code, _leading_code))
 
 
 # ------------------------------------------------------------------------------ layer norm
@@ -396,42 +431,46 @@ def adamw_update(p, g, m, v, b1, b2, step_size, eps, decay) -> None:
 
 
 # ------------------------------------------------------------------- attention's softmax
-@_compile(parallel=True)
-def _causal_softmax_rows(scores, diagonal, factors):
-    # scores (M, Tq, Tk), in place: row r sees keys 0..r + diagonal; each row's softmax over
-    # those, zeros beyond. One pass per row, the rows on the team's threads: its maximum, then
-    # exp(s - max) and their sum (in float64), then the division (as a multiplication by
-    # factors[row] = 1 / sum, kept in the scores' dtype so that this pass runs in it: a float64
-    # factor made a float32 row 3.5-5x slower).
+def _softmax_row_code(row, seen, factor):
+    # row (Tk,), in place: the softmax of row[:seen], zeros beyond. Its maximum, then
+    # exp(s - max) and their sum (in float64), then the division, as a multiplication by
+    # factor[0] = 1 / sum: a one-element array of the row's dtype, so that this pass runs in it
+    # (a float64 factor made a float32 row 3.5-5x slower).
     # The maximum as eight running maxima, one per position modulo 8: a single running maximum
     # waits for its previous value at every element (numba does not vectorise this reduction);
     # eight independent ones keep the CPU busy (2.8x faster here).
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
+    whole = seen - seen % 8
+    for j in range(0, whole, 8):
+        m0, m1, m2, m3 = (max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]),
+                          max(m3, row[j + 3]))
+        m4, m5, m6, m7 = (max(m4, row[j + 4]), max(m5, row[j + 5]), max(m6, row[j + 6]),
+                          max(m7, row[j + 7]))
+    for j in range(whole, seen):
+        m0 = max(m0, row[j])
+    largest = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    total = 0.0
+    for j in range(seen):
+        e = _exp(row[j] - largest)
+        row[j] = e
+        total += e
+    factor[0] = 1.0 / total
+    scale = factor[0]
+    for j in range(seen):
+        row[j] *= scale
+    for j in range(seen, len(row)):
+        row[j] = 0
+
+
+@_compile(parallel=True)
+def _causal_softmax_rows(scores, diagonal, factors):
+    # scores (M, Tq, Tk), in place: row r sees keys 0..r + diagonal; each row's softmax over
+    # those (_softmax_row), the rows on the team's threads; factors (M Tq,): one slot per row
     matrices, queries, keys = scores.shape
     for row_index in prange(matrices * queries):
         r = row_index % queries
-        row = scores[row_index // queries, r]
-        seen = min(keys, r + diagonal + 1)
-        m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
-        whole = seen - seen % 8
-        for j in range(0, whole, 8):
-            m0, m1, m2, m3 = (max(m0, row[j]), max(m1, row[j + 1]), max(m2, row[j + 2]),
-                              max(m3, row[j + 3]))
-            m4, m5, m6, m7 = (max(m4, row[j + 4]), max(m5, row[j + 5]), max(m6, row[j + 6]),
-                              max(m7, row[j + 7]))
-        for j in range(whole, seen):
-            m0 = max(m0, row[j])
-        largest = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
-        total = 0.0
-        for j in range(seen):
-            e = _exp(row[j] - largest)
-            row[j] = e
-            total += e
-        factors[row_index] = 1.0 / total
-        factor = factors[row_index]
-        for j in range(seen):
-            row[j] *= factor
-        for j in range(seen, keys):
-            row[j] = 0
+        _softmax_row(scores[row_index // queries, r], min(keys, r + diagonal + 1),
+                     factors[row_index:row_index + 1])
 
 
 def causal_softmax(scores, diagonal: int) -> None:
@@ -457,6 +496,177 @@ def softmax_backward(dprobs, probs, delta) -> None:
     pass for the array code's two."""
     keys = dprobs.shape[-1]
     _softmax_backward_rows(dprobs.reshape(-1, keys), probs.reshape(-1, keys), delta.reshape(-1))
+
+
+# ------------------------------------------------------------------- a product, from Python
+@_compile
+def _gemm_arrays(gemm, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, out, ldc, one):
+    _gemm(gemm, trans_a, trans_b, m, n, k, one, a.ctypes.data, lda, b.ctypes.data, ldb, beta,
+          out.ctypes.data, ldc)
+
+
+def gemm(trans_a: int, trans_b: int, a, lda: int, b, ldb: int, beta: float, out, ldc: int) -> None:
+    """out = a @ b + beta out for matrices a (M, K), b (K, N), out (M, N) through MKL's
+    cblas_?gemm, called from compiled code, with the layouts ``blas.mkl_gemm`` works out (how
+    BLAS reads a and b, row-major: transposed or not, and leading dimensions; one float dtype).
+    Through ctypes the call of a tiny product took 9.4 us, most of it in reading the three
+    arrays' addresses (``.ctypes.data``); this way 2.6 (docs/performance.md, "Attention on
+    MKL's team")."""
+    (m, k), n = a.shape, out.shape[1]  # a (M, K) as a matrix, whichever way it lies
+    scalar = out.dtype.type
+    _gemm_arrays(_gemm_address(out.dtype), trans_a, trans_b, m, n, k, a, lda, b, ldb,
+                 scalar(beta), out, ldc, scalar(1))
+
+
+# ------------------------------------------------------------------ attention on MKL's team
+# Causal attention for training, per (sequence, head): its products are small (the baby model's
+# 64 x 32 by 32 x 64), so NumPy's batched products and the softmax kernel between them ran as
+# three calls, the products on one core. These kernels take the (sequence, head) pairs on the
+# team of threads instead, and each pair's products run as MKL's cblas_?gemm called from inside
+# the kernel (one thread each: MKL runs sequentially inside the team's parallel region), its
+# softmax between them while the pair's scores are still in the core's cache -- the layout of
+# PyTorch's CPU attention. The arrays are (B, H, T, D) views whose rows lie ``strides[2]``
+# bytes apart (the model's (B, T, H, D) memory, read as it is: BLAS takes a row stride); the
+# probabilities (B, H, Tq, Tk) are C-contiguous. ``gemm`` is the address of MKL's function.
+NO_TRANSPOSE, TRANSPOSE = 111, 112  # CBLAS's enums
+
+
+def _at_code(x, b, h):
+    # the address of matrix x[b, h]
+    return x.ctypes.data + b * x.strides[0] + h * x.strides[1]
+
+
+def _leading_code(x):
+    # BLAS's leading dimension of each matrix x[b, h] (T, D): how many elements apart its rows
+    # are (any number >= D for a matrix of one row, whose row stride NumPy leaves arbitrary)
+    return x.strides[2] // x.itemsize if x.shape[2] > 1 else x.shape[3]
+
+
+@_compile(parallel=True)
+def _attention_forward_pairs(q, k, v, probs, out, diagonal, gemm, zero, one):
+    # probs = softmax(q k^T), query r seeing keys 0..r + diagonal; out = probs v (q already
+    # scaled by 1 / sqrt(D)). Each _gemm: C = alpha op(A) op(B) + beta C, with op(X) = X or
+    # X^T (TRANSPOSE), the matrices given as (address, leading dimension).
+    batch, heads, queries, width = q.shape
+    keys = k.shape[2]
+    for pair in prange(batch * heads):
+        b, h = pair // heads, pair % heads
+        p = probs[b, h]  # (Tq, Tk)
+        _gemm(gemm, NO_TRANSPOSE, TRANSPOSE, queries, keys, width,  # scores = q k^T
+              one, _at(q, b, h), _leading(q), _at(k, b, h), _leading(k),
+              zero, p.ctypes.data, keys)
+        factor = np.empty(1, probs.dtype)
+        for r in range(queries):
+            _softmax_row(p[r], min(keys, r + diagonal + 1), factor)
+        _gemm(gemm, NO_TRANSPOSE, NO_TRANSPOSE, queries, width, keys,  # out = P v
+              one, p.ctypes.data, keys, _at(v, b, h), _leading(v),
+              zero, _at(out, b, h), _leading(out))
+
+
+@_compile(parallel=True)
+def _attention_backward_pairs(q, k, v, probs, out, g, dq, dk, dv, scale, beta, gemm, zero,
+                              one):
+    # dv (+)= P^T g;  dP = g v^T;  dS = P (dP - rowsum(g out));  dq = scale dS k;
+    # dk (+)= dS^T q (q already scaled). beta: 1 adds into dk and dv, 0 writes them.
+    batch, heads, queries, width = q.shape
+    keys = k.shape[2]
+    for pair in prange(batch * heads):
+        b, h = pair // heads, pair % heads
+        p = probs[b, h]  # (Tq, Tk)
+        _gemm(gemm, TRANSPOSE, NO_TRANSPOSE, keys, width, queries,  # dv (+)= P^T g
+              one, p.ctypes.data, keys, _at(g, b, h), _leading(g),
+              beta, _at(dv, b, h), _leading(dv))
+        ds = np.empty((queries, keys), probs.dtype)
+        _gemm(gemm, NO_TRANSPOSE, TRANSPOSE, queries, keys, width,  # dP = g v^T
+              one, _at(g, b, h), _leading(g), _at(v, b, h), _leading(v),
+              zero, ds.ctypes.data, keys)
+        delta = np.empty(1, probs.dtype)
+        for r in range(queries):
+            total = 0.0
+            for d in range(width):
+                total += g[b, h, r, d] * out[b, h, r, d]
+            delta[0] = total  # in the arrays' dtype, so that the pass below runs in it
+            shift = delta[0]
+            for j in range(keys):
+                ds[r, j] = p[r, j] * (ds[r, j] - shift)
+        _gemm(gemm, NO_TRANSPOSE, NO_TRANSPOSE, queries, width, keys,  # dq = scale dS k
+              scale, ds.ctypes.data, keys, _at(k, b, h), _leading(k),
+              zero, _at(dq, b, h), _leading(dq))
+        _gemm(gemm, TRANSPOSE, NO_TRANSPOSE, keys, width, queries,  # dk (+)= dS^T q
+              one, ds.ctypes.data, keys, _at(q, b, h), _leading(q),
+              beta, _at(dk, b, h), _leading(dk))
+
+
+def _rows_for_blas(x) -> bool:
+    """Whether BLAS can read (or write) each matrix x[b, h] (T, D) as it lies: unit steps along
+    a row, rows a whole number of elements apart and at least a row long (``_leading``), aligned.
+    (NumPy gives an axis of length 1 any stride: it is never stepped along.)"""
+    (rows, width), (row_step, step), item = x.shape[2:], x.strides[2:], x.itemsize
+    return ((step == item or width == 1) and x.flags.aligned
+            and (rows == 1 or row_step % item == 0 and row_step >= width * item))
+
+
+def attention_enabled(*arrays) -> bool:
+    """Whether ``attention_forward``/``attention_backward`` can run on these (B, H, T, D) arrays:
+    numba and MKL are there (neither switched off), one float dtype, BLAS can read every matrix
+    as it lies, and the MKL products would run on one thread each (inside the team's region, or
+    MKL set to one thread): outside it, each tiny product would start MKL's threads."""
+    from tinygrad_llm import blas
+
+    if not (available() and os.environ.get("TINYGRAD_LLM_CPU_KERNELS") != "0"
+            and blas.mkl() is not None):
+        return False
+    dtype = arrays[0].dtype
+    return (dtype in (np.float32, np.float64)
+            and all(a.ndim == 4 and a.dtype == dtype and _rows_for_blas(a) for a in arrays)
+            and (_shares_mkl_team() or _mkl_max_threads()() == 1))
+
+
+@functools.cache
+def _gemm_address(dtype) -> int:
+    """The address of MKL's cblas_sgemm (float32) or cblas_dgemm (float64)."""
+    import ctypes
+
+    from tinygrad_llm import blas
+
+    function = blas.mkl().cblas_sgemm if dtype == np.float32 else blas.mkl().cblas_dgemm
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
+def attention_forward(q, k, v, probs, out, diagonal: int) -> None:
+    """probs[...] = the causal softmax of q k^T (query r sees keys 0..r + diagonal, zeros
+    beyond) and out[...] = probs v, for q (B, H, Tq, D) already scaled by 1 / sqrt(D), k and v
+    (B, H, Tk, D), probs (B, H, Tq, Tk) C-contiguous, out (B, H, Tq, D): one kernel call, the
+    (sequence, head) pairs on the team of threads (``attention_enabled`` says when it can)."""
+    scalar = q.dtype.type
+    _check_attention(q, k, v, probs, out)
+    _attention_forward_pairs(q, k, v, probs, out, diagonal, _gemm_address(q.dtype), scalar(0),
+                             scalar(1))
+
+
+def attention_backward(q, k, v, probs, out, g, dq, dk, dv, scale: float, add: bool) -> None:
+    """The gradients of ``attention_forward`` for the upstream g (B, H, Tq, D): dq[...] =
+    scale dS k, and dk, dv (B, H, Tk, D) written (``add``: added to) with dS^T q and P^T g,
+    where dS = P (g v^T - rowsum(g out)) -- ``fused.ScaledDotProductAttention.backward``'s
+    formulas, one kernel call."""
+    scalar = q.dtype.type
+    _check_attention(q, k, v, probs, out, g, dq, dk, dv)
+    _attention_backward_pairs(q, k, v, probs, out, g, dq, dk, dv, scalar(scale),
+                              scalar(1 if add else 0), _gemm_address(q.dtype), scalar(0),
+                              scalar(1))
+
+
+def _check_attention(q, k, v, probs, out, g=None, dq=None, dk=None, dv=None) -> None:
+    # the kernels do not check their indices, and BLAS reads by address: the shapes must fit
+    (batch, heads, queries, width), keys = q.shape, k.shape[2]
+    fits = (k.shape == v.shape == (batch, heads, keys, width)
+            and probs.shape == (batch, heads, queries, keys) and probs.flags.c_contiguous
+            and out.shape == q.shape and probs.dtype == q.dtype
+            and (g is None or g.shape == dq.shape == q.shape and dk.shape == dv.shape == k.shape))
+    if not (fits and attention_enabled(*[a for a in (q, k, v, out, g, dq, dk, dv)
+                                         if a is not None])):
+        raise ValueError(f"attention kernels: q {q.shape}, k {k.shape}, v {v.shape}, probs "
+                         f"{probs.shape}, out {out.shape} do not fit (or BLAS cannot read them)")
 
 
 # --------------------------------------------------------- decoding: one query's attention

@@ -534,6 +534,10 @@ class ScaledDotProductAttention(Function):
         # with numba: the causal softmax as compiled loops that apply the mask by index
         self.compiled_softmax = (causal_cpu and cpu_kernels.enabled(xp)
                                  and dtype in (np.float32, np.float64))
+        # with numba and MKL: each (sequence, head)'s products and softmax in one kernel, the
+        # pairs on the team of threads (cpu_kernels, "attention on MKL's team")
+        self.pairs_kernel = (self.compiled_softmax and self.keep is None and q.ndim == 4
+                             and dtype == q.dtype and cpu_kernels.attention_enabled(q, k, v, out))
 
         def sequences(q, k, v, probs, out, *optional_blocks, shared_mask, first_query):
             # the optional arrays in the order they were passed: keep (with dropout), then the
@@ -558,6 +562,12 @@ class ScaledDotProductAttention(Function):
         for q0, q1, k1 in self.blocks:
             rows, keys = slice(q0, q1), slice(0, k1)
             probs = xp.empty(batch + (q1 - q0, k1), dtype)
+            if self.pairs_kernel:  # query q0 + r sees keys 0 .. q0 + r + Tk - Tq
+                cpu_kernels.attention_forward(q[..., rows, :], k[..., keys, :], v[..., keys, :],
+                                              probs, out[..., rows, :],
+                                              q0 + key_length - query_length)
+                self.probs.append(probs)
+                continue
             optional = [a[..., rows, keys] for a in (self.keep, mask if split_mask else None)
                         if a is not None]
             shared = None if mask is None or split_mask else mask[..., rows, keys]
@@ -602,9 +612,18 @@ class ScaledDotProductAttention(Function):
             dq *= self.scale
             _matmul_transposed_into(dscores, q, dk, add)  # (.., Tk, D); q is already scaled
 
+        if self.pairs_kernel and not (g.dtype == q.dtype and cpu_kernels.attention_enabled(g)):
+            g = np.ascontiguousarray(g, q.dtype)  # (a broadcast gradient: no rows BLAS can read)
         # the last block sees every key: it writes dk and dv, and the blocks before it add theirs
         for (q0, q1, k1), probs in reversed(list(zip(self.blocks, self.probs, strict=True))):
             rows, keys = slice(q0, q1), slice(0, k1)
+            if self.pairs_kernel:
+                cpu_kernels.attention_backward(q[..., rows, :], k[..., keys, :], v[..., keys, :],
+                                               probs, self.out[..., rows, :], g[..., rows, :],
+                                               dq[..., rows, :], dk[..., keys, :],
+                                               dv[..., keys, :], self.scale,
+                                               add=q1 != self.blocks[-1][1])
+                continue
             keep = [] if self.keep is None else [self.keep[..., rows, keys]]
             backend.parallel_batches(functools.partial(sequences, add=q1 != self.blocks[-1][1]),
                                      q[..., rows, :], k[..., keys, :], v[..., keys, :], probs,
