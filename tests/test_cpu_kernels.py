@@ -290,6 +290,26 @@ def test_fill_rows_writes_the_row_into_every_row(shape, dtype):
 
 @pytest.mark.parametrize("shape", [(7,), (3, 33), (2, 300, 257)])  # the last on the team
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_kernel_equals_numpys_sum(shape, dtype):
+    # one addition per element: exactly NumPy's a + b, also written over one of its inputs;
+    # backend.add takes it for large arrays of one shape, and NumPy's + for anything else
+    from tinygrad_llm import backend
+
+    rng = np.random.default_rng(4)
+    a, b = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    out = np.empty_like(a)
+    cpu_kernels.add(a, b, out)
+    np.testing.assert_array_equal(out, a + b)
+    expected, into_a = a + b, a.copy()
+    cpu_kernels.add(into_a, b, into_a)
+    np.testing.assert_array_equal(into_a, expected)
+    np.testing.assert_array_equal(backend.add(a, b), a + b)
+    np.testing.assert_array_equal(backend.add(a, b[..., :1]), a + b[..., :1])  # broadcast
+    np.testing.assert_array_equal(backend.add(a, b.astype(np.float16)), a + b.astype(np.float16))
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 33), (2, 300, 257)])  # the last on the team
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gelu_kernels_match_the_array_code(shape, dtype):
     rng = np.random.default_rng(0)
     x, g = ((rng.standard_normal(shape) * 3).astype(dtype) for _ in range(2))
@@ -417,6 +437,11 @@ def _each_kernel(rng, dtype):
         cpu_kernels.fill_rows(out, w)
         return [out]
 
+    def add():
+        out = np.empty_like(x)
+        cpu_kernels.add(x, g, out)
+        return [out]
+
     q, k, v, g4 = (rng.standard_normal((2, 4, 130, 32)).astype(dtype) for _ in range(4))
 
     def attention():  # as the model lays them out: q (B, H, T, D) seen from (B, T, H, D)
@@ -429,7 +454,8 @@ def _each_kernel(rng, dtype):
         return [probs, out, dq, dk, dv]
 
     kernels = [("layer_norm", layer_norm), ("softmax", softmax), ("gelu", gelu),
-               ("adamw", adamw), ("decode_attention", decode_attention), ("fill_rows", fill_rows)]
+               ("adamw", adamw), ("decode_attention", decode_attention), ("fill_rows", fill_rows),
+               ("add", add)]
     if _attention_kernels_run():
         kernels.append(("attention", attention))
     return kernels

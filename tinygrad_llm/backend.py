@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from . import blas
+from . import blas, cpu_kernels
 
 DEFAULT_DTYPE = np.float32  # every float tensor is float32 unless asked otherwise
 
@@ -303,6 +303,19 @@ def parallel_batches(body, *arrays, work: int | None = None) -> None:
     """Like ``parallel_rows``, but split along axis 0 as it is (the sequences of a batch (B, ...)).
     ``work``: elements of work, for the small-array cut-off (default: the first array's size)."""
     _split(body, arrays, len(arrays[0]), arrays[0].size if work is None else work)
+
+
+def add(a, b):
+    """a + b for arrays. Two large arrays of one shape and float dtype, C-contiguous, on the CPU
+    with the compiled kernels: summed on the team of threads (``cpu_kernels.add``), where NumPy's
+    ``+`` runs on one -- the residual stream's sums in the forward, and in the backward the
+    gradients that meet where it forks. The same sums either way (one addition per element)."""
+    if (a.shape == b.shape and a.dtype == b.dtype and a.size >= PARALLEL_MIN_ELEMENTS
+            and cpu_kernels.enabled(get_array_module(a), a, b)):
+        out = np.empty_like(a)
+        cpu_kernels.add(a, b, out)
+        return out
+    return a + b
 
 
 def matmul(a, b, out=None, bias=None):

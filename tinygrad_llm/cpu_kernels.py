@@ -776,6 +776,20 @@ def gelu_backward_rows(x, t, g, dx, *, c, a) -> None:
                         scalar(a), scalar(0.5), scalar(1), scalar(3))
 
 
+# ------------------------------------------------------------------- a sum of two arrays
+@_compile(parallel=True)
+def _add_flat(a, b, out):
+    for i in prange(a.shape[0]):
+        out[i] = a[i] + b[i]
+
+
+def add(a, b, out) -> None:
+    """out[...] = a + b for arrays of one shape and dtype, C-contiguous (out may be a or b): the
+    residual stream's sums and the gradients that meet where it forks, on the team of threads
+    for arrays of PARALLEL_MIN_ELEMENTS and more, where NumPy's ``+`` takes one."""
+    _add_flat(a.reshape(-1), b.reshape(-1), out.reshape(-1))
+
+
 # ------------------------------------------------------------------------ a linear layer's bias
 @_compile(parallel=True)
 def _fill_rows(out, row):

@@ -52,7 +52,7 @@ def _operands(a, b) -> tuple[Tensor, Tensor]:
 # ================================================================ elementwise arithmetic
 class Add(Function):
     def forward(self, a, b):
-        return a + b
+        return backend.add(a, b)  # a + b (large arrays on all the cores)
 
     def backward(self, g):
         return g, g  # d(a+b)/da = d(a+b)/db = 1

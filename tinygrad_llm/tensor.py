@@ -133,7 +133,7 @@ def _add_gradients(total, new, owned: set):
         total, new = new, total  # the full array first
     if id(total) not in owned:
         if not isinstance(new, SliceGrad):
-            total = total + new
+            total = backend.add(total, new)
             owned.add(id(total))
             return total
         total = total.copy()
