@@ -119,7 +119,7 @@ def test_gemm_equals_numpys(dtype, transpose_a, transpose_b, add, compiled, monk
     if compiled and not (blas.mkl() and cpu_kernels.enabled(np)):
         pytest.skip("needs MKL and numba")
     if not compiled:
-        monkeypatch.setenv("TINYGRAD_LLM_CPU_KERNELS", "0")
+        monkeypatch.setattr(cpu_kernels, "SWITCHED_OFF", True)
     calls = []
     real = cpu_kernels.gemm
     monkeypatch.setattr(cpu_kernels, "gemm", lambda *args: calls.append(1) or real(*args))

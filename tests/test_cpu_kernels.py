@@ -1,7 +1,7 @@
 """Each compiled CPU kernel (cpu_kernels.py, numba) against the array code it replaces.
 
 Skipped where numba is not installed (``pip install "tinygrad-llm[cpu]"``). The array code is
-the reference: ``TINYGRAD_LLM_CPU_KERNELS=0`` runs it.
+the reference: with ``TINYGRAD_LLM_CPU_KERNELS=0`` (``cpu_kernels.SWITCHED_OFF``) it runs.
 """
 
 import numpy as np
@@ -19,9 +19,9 @@ pytest.importorskip("numba")
 def both_ways(compute):
     """compute() with the kernels off (the reference) and on."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TINYGRAD_LLM_CPU_KERNELS", "0")
+        patch.setattr(cpu_kernels, "SWITCHED_OFF", True)
         reference = compute()
-        patch.setenv("TINYGRAD_LLM_CPU_KERNELS", "1")
+        patch.setattr(cpu_kernels, "SWITCHED_OFF", False)
         compiled = compute()
     return reference, compiled
 
@@ -32,7 +32,7 @@ def test_the_switch_and_the_conditions():
     assert not cpu_kernels.enabled(np, x.T)  # not C-contiguous
     assert not cpu_kernels.enabled(np, x.astype(np.float16))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TINYGRAD_LLM_CPU_KERNELS", "0")
+        patch.setattr(cpu_kernels, "SWITCHED_OFF", True)
         assert not cpu_kernels.enabled(np, x)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import DEVICES
 
-from tinygrad_llm import backend
+from tinygrad_llm import backend, cpu_kernels
 from tinygrad_llm.generate import (
     generate,
     generate_text,
@@ -246,9 +246,9 @@ def test_decoding_on_arrays_only_where_it_computes_the_forward(monkeypatch):
         assert not model.decodes_on_arrays(x, [object()] * 2, None)
         with F.autocast(np.float16):
             assert not model.decodes_on_arrays(x, caches, None)
-        monkeypatch.setenv("TINYGRAD_LLM_CPU_KERNELS", "0")
+        monkeypatch.setattr(cpu_kernels, "SWITCHED_OFF", True)
         assert not model.decodes_on_arrays(x, caches, None)
-        monkeypatch.delenv("TINYGRAD_LLM_CPU_KERNELS")
+        monkeypatch.setattr(cpu_kernels, "SWITCHED_OFF", False)
         assert not model.decodes_on_arrays(x, model.new_kv_cache(2), None)  # 2 rows, 1 sequence
         model.train()  # dropout 0.1 applies while training
         assert not model.decodes_on_arrays(x, caches, None)

@@ -11,10 +11,10 @@ compute the same formulas as the GPU kernels in ``cuda_kernels.py``.
 The array code in ``fused.py``, ``functional.py`` and ``optim.py`` stays the reference: it runs
 wherever numba is not installed (or does not import), and ``tests/test_cpu_kernels.py`` compares
 every kernel with it. An op calls its kernel only when ``enabled(xp, *arrays)``: the arrays are
-NumPy, float32 or float64 and C-contiguous, numba imports, and ``TINYGRAD_LLM_CPU_KERNELS=0`` is
-not set (it switches them off, leaving the array code). Each kernel is compiled on its first call
-for each dtype, once for one thread and once for several (a second or a few each), and cached on
-disk by numba after that.
+NumPy, float32 or float64 and C-contiguous, numba imports, and ``TINYGRAD_LLM_CPU_KERNELS=0`` was
+not set when the library was imported (it switches them off, leaving the array code). Each
+kernel is compiled on its first call for each dtype, once for one thread and once for several
+(a second or a few each), and cached on disk by numba after that.
 
 Threads: with MKL installed (``pip install "tinygrad-llm[mkl]"``), a kernel on an array of
 PARALLEL_MIN_ELEMENTS or more splits its rows over the team of threads that runs MKL's products
@@ -68,9 +68,15 @@ def available() -> bool:
     return True
 
 
+# TINYGRAD_LLM_CPU_KERNELS=0 as the environment had it when the library was imported: ops ask
+# ``enabled`` a hundred times and more per training step, and reading the environment each time
+# cost 2-5% of a small model's step. Tests switch the kernels off by setting this.
+SWITCHED_OFF = os.environ.get("TINYGRAD_LLM_CPU_KERNELS") == "0"
+
+
 def enabled(xp, *arrays) -> bool:
     """Whether an op on these arrays of module ``xp`` should use its compiled kernel."""
-    if xp is not np or os.environ.get("TINYGRAD_LLM_CPU_KERNELS") == "0" or not available():
+    if xp is not np or SWITCHED_OFF or not available():
         return False
     return all(a.dtype in (np.float32, np.float64) and a.flags.c_contiguous for a in arrays)
 
@@ -613,8 +619,7 @@ def attention_enabled(*arrays) -> bool:
     MKL set to one thread): outside it, each tiny product would start MKL's threads."""
     from tinygrad_llm import blas
 
-    if not (available() and os.environ.get("TINYGRAD_LLM_CPU_KERNELS") != "0"
-            and blas.mkl() is not None):
+    if not (enabled(np) and blas.mkl() is not None):
         return False
     dtype = arrays[0].dtype
     return (dtype in (np.float32, np.float64)
