@@ -43,6 +43,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import cpu_kernels
+
 ROW_MAJOR, NO_TRANSPOSE, TRANSPOSE = 101, 111, 112  # the CBLAS enums (C ints)
 # OpenBLAS up to 0.3.31 crashes (SIGSEGV) in the batched product of small matrices in builds for
 # several CPUs such as NumPy's (OpenMathLib/OpenBLAS pull request #5980, merged August 2026).
@@ -296,8 +298,6 @@ def mkl_gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, add: bool = False,
     layouts = (one_row and _one_row_layouts(a, b, out)) or _blas_layouts(a, b, out)
     if layouts is None:
         return False
-    from tinygrad_llm import cpu_kernels
-
     if bias is not None:
         if out.size >= cpu_kernels.PARALLEL_MIN_ELEMENTS and cpu_kernels.enabled(np, out, bias):
             cpu_kernels.fill_rows(out, bias)  # on the team of threads
@@ -341,8 +341,6 @@ def _compiled_gemv(dtype_char: str):
     numba cannot cache a function that holds a C function's address on disk, so each process
     compiles it (~0.3 s) for each layout of the matrices it meets: rows, and a tied LM head's
     transposed matrix."""
-    from tinygrad_llm import cpu_kernels
-
     return _build_gemv(dtype_char) if cpu_kernels.enabled(np) else None  # numba, not switched off
 
 
