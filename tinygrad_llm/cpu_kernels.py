@@ -22,8 +22,10 @@ PARALLEL_MIN_ELEMENTS or more splits its rows over the team of threads that runs
 op the library's own threads split (``--threads``), it runs on the thread that called it.
 
 Which ops have a kernel was decided by measurement (docs/performance.md): layer norm, AdamW,
-GELU, attention's causal softmax and the softmax's backward, and, for decoding with a KV cache,
-the whole attention of one query (``models.gpt``'s one-position path). numba calls the C library's
+GELU, the sum of two large arrays, attention's causal softmax and the softmax's backward; with
+MKL, causal attention forward and backward per (sequence, head), its products MKL's called from
+the kernel ("attention on MKL's team"); and, for decoding with a KV cache, the whole attention of
+one query (``models.gpt``'s one-position path). numba calls the C library's
 scalar ``tanh`` and ``exp``, 40x and 8x slower than NumPy's vectorized ones here, so in float32
 the kernels compute them with arithmetic of their own that the compiler vectorizes ("exp and
 tanh, float32"): GELU and the softmax are one pass each.
