@@ -161,7 +161,7 @@ def test_attention_kernels_match_the_array_code(batch, heads, tq, extra_keys, di
     # each (sequence, head)'s products and softmax in one kernel, on the arrays as a GPT has
     # them: q, k, v (B, H, T, D) views of (B, T, H, D) memory, or of one packed (B, T, 3, H, D)
     # array (the input projection's output); blocks of 2, 3 or 64 queries; a KV cache's extra
-    # keys. Against the array code, and the kernels must really have run.
+    # keys. Against the array code, and the kernels must really have run where they apply.
     from tinygrad_llm import fused
 
     if not _attention_kernels_run():
@@ -193,7 +193,8 @@ def test_attention_kernels_match_the_array_code(batch, heads, tq, extra_keys, di
             patch.setattr(cpu_kernels, name,
                           lambda *a, real=real, name=name, **k: ran.append(name) or real(*a, **k))
         results = both_ways(compute)
-    blocks = -(-tq // rows)
+    blocks = -(-tq // rows) if batch * heads >= cpu_kernels.team_threads() else 0  # (else the
+    # array code: fewer pairs than threads)
     assert ran == ["attention_forward"] * blocks + ["attention_backward"] * blocks
     tolerance = {np.float32: 1e-5, np.float64: 1e-12}[dtype]
     for reference, compiled in zip(*results, strict=True):
@@ -216,6 +217,44 @@ def test_attention_kernels_take_a_broadcast_gradient():
         np.testing.assert_allclose(compiled, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["threaded", "values wider", "keys shared by the heads",
+                                  "fewer pairs than threads"])
+def test_attention_kernels_where_they_run_and_where_not(case, monkeypatch):
+    # a problem large enough for the team (the kernels' parallel build against the array code),
+    # and what the kernels do not take -- values of another width than the keys, keys and values
+    # broadcast over the heads, fewer (sequence, head) pairs than threads -- left to the array
+    # code, which must give its own result, not an error
+    if not _attention_kernels_run():
+        pytest.skip("needs MKL (the attention kernels call its products)")
+    rng = np.random.default_rng(5)
+    shape_q, shape_k, shape_v = (3, 4, 70, 16), (3, 4, 70, 16), (3, 4, 70, 16)
+    if case == "values wider":
+        shape_v = (3, 4, 70, 24)
+    elif case == "keys shared by the heads":
+        shape_k = shape_v = (3, 1, 70, 16)
+    elif case == "fewer pairs than threads":
+        monkeypatch.setattr(cpu_kernels, "team_threads", lambda: 64)
+    arrays = [rng.standard_normal(shape).astype(np.float32) for shape in (shape_q, shape_k,
+                                                                         shape_v)]
+    g = rng.standard_normal(shape_q[:3] + shape_v[3:]).astype(np.float32)
+    ran = []
+    real = cpu_kernels.attention_forward
+    monkeypatch.setattr(cpu_kernels, "attention_forward",
+                        lambda *a, **k: ran.append(1) or real(*a, **k))
+
+    def compute():
+        tensors = [Tensor(a, requires_grad=True) for a in arrays]
+        out = F.scaled_dot_product_attention(*tensors, causal=True)
+        if case == "keys shared by the heads":  # (the array code's backward does not take it)
+            return [out.numpy()]
+        out.backward(Tensor(g))
+        return [out.numpy()] + [t.grad for t in tensors]
+
+    for reference, compiled in zip(*both_ways(compute), strict=True):
+        np.testing.assert_allclose(compiled, reference, rtol=2e-5, atol=2e-5)
+    assert bool(ran) == (case == "threaded")
+
+
 def test_attention_kernels_refuse_arrays_that_do_not_fit():
     # the kernels index without checks and BLAS reads by address: the wrappers check first
     if not _attention_kernels_run():
@@ -224,15 +263,22 @@ def test_attention_kernels_refuse_arrays_that_do_not_fit():
     kv = np.zeros((2, 3, 7, 4), np.float32)
     fine = dict(q=q, k=kv, v=kv, probs=np.zeros((2, 3, 5, 7), np.float32), out=q.copy())
     cpu_kernels.attention_forward(**fine, diagonal=2)
+    read_only = np.zeros_like(q)
+    read_only.flags.writeable = False
+    one_matrix = np.lib.stride_tricks.as_strided(np.zeros((5, 4), np.float32), q.shape,
+                                                 (0, 0, 16, 4))  # writable, every [b, h] one
     for bad in [dict(k=kv[:, :, :6]), dict(v=kv[:1]), dict(probs=np.zeros((2, 3, 5, 6))),
                 dict(probs=np.zeros((2, 3, 7, 5), np.float32).swapaxes(-1, -2)),
                 dict(out=q[:, :2]), dict(q=q.astype(np.float64)), dict(q=q[..., ::2]),
-                dict(out=np.zeros((2, 3, 4, 5), np.float32).swapaxes(-1, -2))]:
+                dict(out=np.zeros((2, 3, 4, 5), np.float32).swapaxes(-1, -2)),
+                dict(v=np.zeros((2, 3, 7, 6), np.float32)), dict(out=q), dict(out=read_only),
+                dict(out=one_matrix), dict(k=kv[:, :1]), dict(q=q[:, :, :0])]:
         with pytest.raises(ValueError, match="do not fit"):
             cpu_kernels.attention_forward(**(fine | bad), diagonal=2)
     grads = dict(g=q, dq=q.copy(), dk=kv.copy(), dv=kv.copy())
     cpu_kernels.attention_backward(**fine, **grads, scale=0.5, add=False)
-    for bad in [dict(dk=q.copy()), dict(g=kv), dict(dq=q[:, :, :4])]:
+    for bad in [dict(dk=q.copy()), dict(g=kv), dict(dq=q[:, :, :4]), dict(dv=grads["dk"]),
+                dict(dq=fine["out"])]:
         with pytest.raises(ValueError, match="do not fit"):
             cpu_kernels.attention_backward(**fine, **(grads | bad), scale=0.5, add=True)
 
@@ -309,6 +355,28 @@ def test_add_kernel_equals_numpys_sum(shape, dtype):
     np.testing.assert_array_equal(backend.add(a, b), a + b)
     np.testing.assert_array_equal(backend.add(a, b[..., :1]), a + b[..., :1])  # broadcast
     np.testing.assert_array_equal(backend.add(a, b.astype(np.float16)), a + b.astype(np.float16))
+    # the kernel indexes without checks: its wrapper refuses what does not fit
+    for bad in [(a, b[..., :1], out), (a, b, out.astype(np.float16)), (a, b, out[..., :-1]),
+                (a, b, np.empty(shape[::-1], dtype).T)]:
+        if bad[2].shape == a.shape and bad[2].flags.c_contiguous and bad[2].dtype == dtype:
+            continue  # (a 1-d array's transpose is itself)
+        with pytest.raises(ValueError, match="add"):
+            cpu_kernels.add(*bad)
+
+
+def test_gemm_call_refuses_what_does_not_fit():
+    # MKL reads and writes by address: cpu_kernels.gemm checks shapes and dtypes first
+    from tinygrad_llm import blas
+
+    if blas.mkl() is None:
+        pytest.skip("needs MKL")
+    a, b, out = np.ones((4, 3), np.float32), np.ones((3, 5), np.float32), np.zeros((4, 5))
+    no = cpu_kernels.NO_TRANSPOSE
+    cpu_kernels.gemm(no, no, a, 3, b, 5, 0.0, out.astype(np.float32), 5)
+    for a_, b_, out_ in [(a, b, out), (a, b[:2], out.astype(np.float32)),
+                         (a, b, np.zeros((4, 6), np.float32))]:
+        with pytest.raises(ValueError, match="gemm"):
+            cpu_kernels.gemm(no, no, a_, 3, b_, 5, 0.0, out_, 5)
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 33), (2, 300, 257)])  # the last on the team

@@ -307,10 +307,11 @@ def parallel_batches(body, *arrays, work: int | None = None) -> None:
 
 def add(a, b):
     """a + b for arrays. Two large arrays of one shape and float dtype, C-contiguous, on the CPU
-    with the compiled kernels: summed on the team of threads (``cpu_kernels.add``), where NumPy's
-    ``+`` runs on one -- the residual stream's sums in the forward, and in the backward the
-    gradients that meet where it forks. The same sums either way (one addition per element)."""
-    if (a.shape == b.shape and a.dtype == b.dtype and a.size >= PARALLEL_MIN_ELEMENTS
+    with the compiled kernels: summed by ``cpu_kernels.add``, on the team of threads where
+    NumPy's ``+`` runs on one -- the residual stream's sums in the forward, and in the backward
+    the gradients that meet where it forks. The same sums either way (one addition each)."""
+    if (a.shape == b.shape and a.dtype == b.dtype
+            and a.size >= cpu_kernels.PARALLEL_MIN_ELEMENTS
             and cpu_kernels.enabled(get_array_module(a), a, b)):
         out = np.empty_like(a)
         cpu_kernels.add(a, b, out)

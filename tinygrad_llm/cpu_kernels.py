@@ -12,7 +12,8 @@ The array code in ``fused.py``, ``functional.py`` and ``optim.py`` stays the ref
 wherever numba is not installed (or does not import), and ``tests/test_cpu_kernels.py`` compares
 every kernel with it. An op calls its kernel only when ``enabled(xp, *arrays)``: the arrays are
 NumPy, float32 or float64 and C-contiguous, numba imports, and ``TINYGRAD_LLM_CPU_KERNELS=0`` was
-not set when the library was imported (it switches them off, leaving the array code). Each
+not set when the library was imported (it switches them off, leaving the array code); the
+attention kernels, which read strided views through BLAS, have ``attention_fits`` instead. Each
 kernel is compiled on its first call for each dtype, once for one thread and once for several
 (a second or a few each), and cached on disk by numba after that.
 
@@ -235,8 +236,9 @@ LN2_HIGH, LN2_LOW = 0.693359375, -2.12194440e-4  # ln 2 = LN2_HIGH + LN2_LOW (LN
 # float32 rounding leaves ln 2 off by ~1e-11: 1e-9 of r at k = 127, below float32's resolution)
 
 # what the kernels call besides arithmetic, set by _load_numba before the first one compiles:
-# exp and tanh (above), numba's prange, a loop whose iterations may run on several threads, and
-# _gemm, a call of MKL's cblas_?gemm from inside a kernel ("attention on MKL's team" below)
+# exp and tanh (above), numba's prange, a loop whose iterations may run on several threads,
+# _gemm, a call of MKL's cblas_?gemm from inside a kernel ("attention on MKL's team" below), and
+# the compiled helpers the kernels share (_softmax_row, _at, _leading)
 _exp = _tanh = _gemm = _softmax_row = _at = _leading = None
 prange = range
 
@@ -306,10 +308,12 @@ def _load_numba() -> None:
     @intrinsic
     def gemm(typing_context, function, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta,
              c, ldc):
-        # a call of the C function at address ``function`` (cblas_sgemm or cblas_dgemm, by
-        # alpha's type) with the matrices' addresses a, b, c as integers: the address comes in
-        # as an argument, so that a kernel that calls it holds no address of this process and
-        # numba can cache it on disk
+        # a call of the C function at address ``function`` with the matrices' addresses a, b, c
+        # as integers; alpha's type (float32 or float64) decides the C signature, float or
+        # double scalars: the caller passes cblas_sgemm's address with float32 scalars and
+        # cblas_dgemm's with float64 (``_gemm_address(dtype)``). The address comes in as an
+        # argument, so that a kernel that calls it holds no address of this process and numba
+        # can cache it on disk
         scalar = ir.FloatType() if alpha == numba_types.float32 else ir.DoubleType()
         integer, pointer = ir.IntType(32), ir.IntType(8).as_pointer()
         c_type = ir.FunctionType(ir.VoidType(), [integer] * 6 + [scalar, pointer, integer,
@@ -508,9 +512,9 @@ def softmax_backward(dprobs, probs, delta) -> None:
 
 # ------------------------------------------------------------------- a product, from Python
 @_compile
-def _gemm_arrays(gemm, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, out, ldc, one):
-    _gemm(gemm, trans_a, trans_b, m, n, k, one, a.ctypes.data, lda, b.ctypes.data, ldb, beta,
-          out.ctypes.data, ldc)
+def _gemm_arrays(gemm_address, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, out, ldc, one):
+    _gemm(gemm_address, trans_a, trans_b, m, n, k, one, a.ctypes.data, lda, b.ctypes.data, ldb,
+          beta, out.ctypes.data, ldc)
 
 
 def gemm(trans_a: int, trans_b: int, a, lda: int, b, ldb: int, beta: float, out, ldc: int) -> None:
@@ -521,6 +525,10 @@ def gemm(trans_a: int, trans_b: int, a, lda: int, b, ldb: int, beta: float, out,
     arrays' addresses (``.ctypes.data``); this way 2.6 (docs/performance.md, "Attention on
     MKL's team")."""
     (m, k), n = a.shape, out.shape[1]  # a (M, K) as a matrix, whichever way it lies
+    if not (b.shape == (k, n) and out.shape == (m, n) and a.dtype == b.dtype == out.dtype
+            and out.dtype in (np.float32, np.float64)):
+        raise ValueError(f"gemm: {a.shape} {a.dtype} @ {b.shape} {b.dtype} into {out.shape} "
+                         f"{out.dtype} do not fit")
     scalar = out.dtype.type
     _gemm_arrays(_gemm_address(out.dtype), trans_a, trans_b, m, n, k, a, lda, b, ldb,
                  scalar(beta), out, ldc, scalar(1))
@@ -535,7 +543,7 @@ def gemm(trans_a: int, trans_b: int, a, lda: int, b, ldb: int, beta: float, out,
 # softmax between them while the pair's scores are still in the core's cache -- the layout of
 # PyTorch's CPU attention. The arrays are (B, H, T, D) views whose rows lie ``strides[2]``
 # bytes apart (the model's (B, T, H, D) memory, read as it is: BLAS takes a row stride); the
-# probabilities (B, H, Tq, Tk) are C-contiguous. ``gemm`` is the address of MKL's function.
+# probabilities (B, H, Tq, Tk) are C-contiguous. ``gemm_address``: MKL's function's address.
 NO_TRANSPOSE, TRANSPOSE = 111, 112  # CBLAS's enums
 
 
@@ -551,7 +559,7 @@ def _leading_code(x):
 
 
 @_compile(parallel=True)
-def _attention_forward_pairs(q, k, v, probs, out, diagonal, gemm, zero, one):
+def _attention_forward_pairs(probs, q, k, v, out, diagonal, gemm_address, zero, one):
     # probs = softmax(q k^T), query r seeing keys 0..r + diagonal; out = probs v (q already
     # scaled by 1 / sqrt(D)). Each _gemm: C = alpha op(A) op(B) + beta C, with op(X) = X or
     # X^T (TRANSPOSE), the matrices given as (address, leading dimension).
@@ -560,32 +568,33 @@ def _attention_forward_pairs(q, k, v, probs, out, diagonal, gemm, zero, one):
     for pair in prange(batch * heads):
         b, h = pair // heads, pair % heads
         p = probs[b, h]  # (Tq, Tk)
-        _gemm(gemm, NO_TRANSPOSE, TRANSPOSE, queries, keys, width,  # scores = q k^T
+        _gemm(gemm_address, NO_TRANSPOSE, TRANSPOSE, queries, keys, width,  # scores = q k^T
               one, _at(q, b, h), _leading(q), _at(k, b, h), _leading(k),
               zero, p.ctypes.data, keys)
         factor = np.empty(1, probs.dtype)
         for r in range(queries):
             _softmax_row(p[r], min(keys, r + diagonal + 1), factor)
-        _gemm(gemm, NO_TRANSPOSE, NO_TRANSPOSE, queries, width, keys,  # out = P v
+        _gemm(gemm_address, NO_TRANSPOSE, NO_TRANSPOSE, queries, width, keys,  # out = P v
               one, p.ctypes.data, keys, _at(v, b, h), _leading(v),
               zero, _at(out, b, h), _leading(out))
 
 
 @_compile(parallel=True)
-def _attention_backward_pairs(q, k, v, probs, out, g, dq, dk, dv, scale, beta, gemm, zero,
-                              one):
-    # dv (+)= P^T g;  dP = g v^T;  dS = P (dP - rowsum(g out));  dq = scale dS k;
-    # dk (+)= dS^T q (q already scaled). beta: 1 adds into dk and dv, 0 writes them.
+def _attention_backward_pairs(probs, q, k, v, out, g, dq, dk, dv, scale, beta, gemm_address,
+                              zero, one):
+    # dv (+)= P^T g;  dP = g v^T;  dS = P * (dP - rowsum(g * out)) elementwise;
+    # dq = scale dS k;  dk (+)= dS^T q (q already scaled). beta: 1 adds into dk and dv, 0
+    # writes them.
     batch, heads, queries, width = q.shape
     keys = k.shape[2]
     for pair in prange(batch * heads):
         b, h = pair // heads, pair % heads
         p = probs[b, h]  # (Tq, Tk)
-        _gemm(gemm, TRANSPOSE, NO_TRANSPOSE, keys, width, queries,  # dv (+)= P^T g
+        _gemm(gemm_address, TRANSPOSE, NO_TRANSPOSE, keys, width, queries,  # dv (+)= P^T g
               one, p.ctypes.data, keys, _at(g, b, h), _leading(g),
               beta, _at(dv, b, h), _leading(dv))
         ds = np.empty((queries, keys), probs.dtype)
-        _gemm(gemm, NO_TRANSPOSE, TRANSPOSE, queries, keys, width,  # dP = g v^T
+        _gemm(gemm_address, NO_TRANSPOSE, TRANSPOSE, queries, keys, width,  # dP = g v^T
               one, _at(g, b, h), _leading(g), _at(v, b, h), _leading(v),
               zero, ds.ctypes.data, keys)
         delta = np.empty(1, probs.dtype)
@@ -597,10 +606,10 @@ def _attention_backward_pairs(q, k, v, probs, out, g, dq, dk, dv, scale, beta, g
             shift = delta[0]
             for j in range(keys):
                 ds[r, j] = p[r, j] * (ds[r, j] - shift)
-        _gemm(gemm, NO_TRANSPOSE, NO_TRANSPOSE, queries, width, keys,  # dq = scale dS k
+        _gemm(gemm_address, NO_TRANSPOSE, NO_TRANSPOSE, queries, width, keys,  # dq = scale dS k
               scale, ds.ctypes.data, keys, _at(k, b, h), _leading(k),
               zero, _at(dq, b, h), _leading(dq))
-        _gemm(gemm, TRANSPOSE, NO_TRANSPOSE, keys, width, queries,  # dk (+)= dS^T q
+        _gemm(gemm_address, TRANSPOSE, NO_TRANSPOSE, keys, width, queries,  # dk (+)= dS^T q
               one, ds.ctypes.data, keys, _at(q, b, h), _leading(q),
               beta, _at(dk, b, h), _leading(dk))
 
@@ -611,22 +620,37 @@ def _rows_for_blas(x) -> bool:
     (NumPy gives an axis of length 1 any stride: it is never stepped along.)"""
     (rows, width), (row_step, step), item = x.shape[2:], x.strides[2:], x.itemsize
     return ((step == item or width == 1) and x.flags.aligned
-            and (rows == 1 or row_step % item == 0 and row_step >= width * item))
+            and (rows == 1 or (row_step % item == 0 and row_step >= width * item)))
 
 
 def attention_enabled(*arrays) -> bool:
-    """Whether ``attention_forward``/``attention_backward`` can run on these (B, H, T, D) arrays:
-    numba and MKL are there (neither switched off), one float dtype, BLAS can read every matrix
-    as it lies, and the MKL products would run on one thread each (inside the team's region, or
-    MKL set to one thread): outside it, each tiny product would start MKL's threads."""
+    """Whether the attention kernels can read these (B, H, T, D) arrays: numba and MKL are there
+    (neither switched off), one float dtype, no empty axis, BLAS can read every matrix as it
+    lies, and numba's threads are MKL's team (inside the team's parallel region MKL runs each
+    product on the thread that calls it) or MKL has one thread: else each kernel thread's
+    product would start threads of MKL's own, more threads than cores."""
     from tinygrad_llm import blas
 
     if not (enabled(np) and blas.mkl() is not None):
         return False
     dtype = arrays[0].dtype
     return (dtype in (np.float32, np.float64)
-            and all(a.ndim == 4 and a.dtype == dtype and _rows_for_blas(a) for a in arrays)
+            and all(a.ndim == 4 and a.size > 0 and a.dtype == dtype and _rows_for_blas(a)
+                    for a in arrays)
             and (_shares_mkl_team() or _mkl_max_threads()() == 1))
+
+
+def attention_fits(q, k, v, out, g=None, dq=None, dk=None, dv=None) -> bool:
+    """Whether ``attention_forward`` (q, k, v, out) or ``attention_backward`` (and g, dq, dk,
+    dv) takes these arrays: ``attention_enabled``, shapes that fit -- q, out, g, dq (B, H, Tq,
+    D), k, v, dk, dv (B, H, Tk, D), the same B and H everywhere (no broadcast) -- and at least as
+    many (sequence, head) pairs as the team has threads (with fewer, threads would sit idle
+    that the batched products of the array code keep busy)."""
+    (batch, heads, _, width), keys = q.shape, k.shape[2]
+    return (k.shape == v.shape == (batch, heads, keys, width) and out.shape == q.shape
+            and (g is None or g.shape == dq.shape == q.shape and dk.shape == dv.shape == k.shape)
+            and batch * heads >= team_threads()
+            and attention_enabled(*[a for a in (q, k, v, out, g, dq, dk, dv) if a is not None]))
 
 
 @functools.cache
@@ -644,36 +668,66 @@ def attention_forward(q, k, v, probs, out, diagonal: int) -> None:
     """probs[...] = the causal softmax of q k^T (query r sees keys 0..r + diagonal, zeros
     beyond) and out[...] = probs v, for q (B, H, Tq, D) already scaled by 1 / sqrt(D), k and v
     (B, H, Tk, D), probs (B, H, Tq, Tk) C-contiguous, out (B, H, Tq, D): one kernel call, the
-    (sequence, head) pairs on the team of threads (``attention_enabled`` says when it can)."""
+    (sequence, head) pairs on the team of threads (``attention_fits`` says when it can)."""
+    _check_attention(q, k, v, probs, out, (q, k, v), (probs, out))
     scalar = q.dtype.type
-    _check_attention(q, k, v, probs, out)
-    _attention_forward_pairs(q, k, v, probs, out, diagonal, _gemm_address(q.dtype), scalar(0),
-                             scalar(1))
+    _on_team_or_alone(_attention_forward_pairs, probs, q, k, v, out, diagonal,
+                      _gemm_address(q.dtype), scalar(0), scalar(1))
 
 
 def attention_backward(q, k, v, probs, out, g, dq, dk, dv, scale: float, add: bool) -> None:
     """The gradients of ``attention_forward`` for the upstream g (B, H, Tq, D): dq[...] =
     scale dS k, and dk, dv (B, H, Tk, D) written (``add``: added to) with dS^T q and P^T g,
-    where dS = P (g v^T - rowsum(g out)) -- ``fused.ScaledDotProductAttention.backward``'s
+    where dS = P * (g v^T - rowsum(g * out)) -- ``fused.ScaledDotProductAttention.backward``'s
     formulas, one kernel call."""
+    _check_attention(q, k, v, probs, out, (q, k, v, probs, out, g), (dq, dk, dv), g, dq, dk, dv)
     scalar = q.dtype.type
-    _check_attention(q, k, v, probs, out, g, dq, dk, dv)
-    _attention_backward_pairs(q, k, v, probs, out, g, dq, dk, dv, scalar(scale),
-                              scalar(1 if add else 0), _gemm_address(q.dtype), scalar(0),
-                              scalar(1))
+    _on_team_or_alone(_attention_backward_pairs, probs, q, k, v, out, g, dq, dk, dv,
+                      scalar(scale), scalar(1 if add else 0), _gemm_address(q.dtype), scalar(0),
+                      scalar(1))
 
 
-def _check_attention(q, k, v, probs, out, g=None, dq=None, dk=None, dv=None) -> None:
-    # the kernels do not check their indices, and BLAS reads by address: the shapes must fit
-    (batch, heads, queries, width), keys = q.shape, k.shape[2]
-    fits = (k.shape == v.shape == (batch, heads, keys, width)
-            and probs.shape == (batch, heads, queries, keys) and probs.flags.c_contiguous
-            and out.shape == q.shape and probs.dtype == q.dtype
-            and (g is None or g.shape == dq.shape == q.shape and dk.shape == dv.shape == k.shape))
-    if not (fits and attention_enabled(*[a for a in (q, k, v, out, g, dq, dk, dv)
-                                         if a is not None])):
+def _on_team_or_alone(kernel, probs, *arguments) -> None:
+    # the kernel's parallel build on the team when the scores are large enough (as ``_compile``
+    # decides from its first argument, probs); else its serial build, with MKL's products on
+    # this thread alone (with its whole team each, they would start threads for tiny products)
+    from tinygrad_llm import blas
+
+    if probs.size >= PARALLEL_MIN_ELEMENTS and team_threads() > 1:
+        kernel(probs, *arguments)
+        return
+    with blas.one_thread_here():
+        kernel(probs, *arguments)
+
+
+def _check_attention(q, k, v, probs, out, reads, writes, *backward) -> None:
+    # the kernels do not check their indices, and BLAS reads and writes by address: the shapes
+    # must fit, and what is written be writable, apart from what is read and from each other,
+    # each of its matrices [b, h] apart from the others (each pair's thread writes its own)
+    fits = (attention_fits(q, k, v, out, *backward)
+            and probs.shape == q.shape[:3] + k.shape[2:3] and probs.flags.c_contiguous
+            and probs.dtype == q.dtype
+            and all(a.flags.writeable and _matrices_apart(a) for a in writes)
+            and not any(np.may_share_memory(a, b) for i, a in enumerate(writes)
+                        for b in reads + writes[:i]))
+    if not fits:
         raise ValueError(f"attention kernels: q {q.shape}, k {k.shape}, v {v.shape}, probs "
-                         f"{probs.shape}, out {out.shape} do not fit (or BLAS cannot read them)")
+                         f"{probs.shape}, out {out.shape} do not fit (or BLAS cannot read them, "
+                         "or what they write overlaps)")
+
+
+def _matrices_apart(x) -> bool:
+    """Whether no two elements of x share memory: each axis, from the smallest step up, steps
+    past everything the smaller ones span (a sufficient test; axes of length 1 are never
+    stepped)."""
+    span = x.itemsize
+    axes = sorted((abs(step), length) for step, length in zip(x.strides, x.shape, strict=True)
+                  if length > 1)
+    for step, length in axes:
+        if step < span:
+            return False
+        span += step * (length - 1)
+    return True
 
 
 # --------------------------------------------------------- decoding: one query's attention
@@ -794,6 +848,10 @@ def add(a, b, out) -> None:
     """out[...] = a + b for arrays of one shape and dtype, C-contiguous (out may be a or b): the
     residual stream's sums and the gradients that meet where it forks, on the team of threads
     for arrays of PARALLEL_MIN_ELEMENTS and more, where NumPy's ``+`` takes one."""
+    if not (a.shape == b.shape == out.shape and a.dtype == b.dtype == out.dtype
+            and enabled(np, a, b, out)):  # (the kernel indexes without checks)
+        raise ValueError(f"add: {a.shape} {a.dtype} + {b.shape} {b.dtype} into {out.shape} "
+                         f"{out.dtype}: not one shape and float dtype, C-contiguous")
     _add_flat(a.reshape(-1), b.reshape(-1), out.reshape(-1))
 
 

@@ -537,7 +537,7 @@ class ScaledDotProductAttention(Function):
         # with numba and MKL: each (sequence, head)'s products and softmax in one kernel, the
         # pairs on the team of threads (cpu_kernels, "attention on MKL's team")
         self.pairs_kernel = (self.compiled_softmax and self.keep is None and q.ndim == 4
-                             and dtype == q.dtype and cpu_kernels.attention_enabled(q, k, v, out))
+                             and dtype == q.dtype and cpu_kernels.attention_fits(q, k, v, out))
 
         def sequences(q, k, v, probs, out, *optional_blocks, shared_mask, first_query):
             # the optional arrays in the order they were passed: keep (with dropout), then the
@@ -612,12 +612,15 @@ class ScaledDotProductAttention(Function):
             dq *= self.scale
             _matmul_transposed_into(dscores, q, dk, add)  # (.., Tk, D); q is already scaled
 
-        if self.pairs_kernel and not (g.dtype == q.dtype and cpu_kernels.attention_enabled(g)):
-            g = np.ascontiguousarray(g, q.dtype)  # (a broadcast gradient: no rows BLAS can read)
+        pairs_kernel = self.pairs_kernel  # as the forward, if the gradients fit it too
+        if pairs_kernel and g.dtype == q.dtype and not cpu_kernels.attention_enabled(g):
+            g = np.ascontiguousarray(g)  # (a broadcast gradient has no rows BLAS can read)
+        pairs_kernel = pairs_kernel and cpu_kernels.attention_fits(q, k, v, self.out, g, dq, dk,
+                                                                   dv)
         # the last block sees every key: it writes dk and dv, and the blocks before it add theirs
         for (q0, q1, k1), probs in reversed(list(zip(self.blocks, self.probs, strict=True))):
             rows, keys = slice(q0, q1), slice(0, k1)
-            if self.pairs_kernel:
+            if pairs_kernel:
                 cpu_kernels.attention_backward(q[..., rows, :], k[..., keys, :], v[..., keys, :],
                                                probs, self.out[..., rows, :], g[..., rows, :],
                                                dq[..., rows, :], dk[..., keys, :],
