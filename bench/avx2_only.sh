@@ -1,0 +1,19 @@
+#!/bin/sh
+# Run a command as on an x86 CPU without AVX-512 (AMD's EPYC Rome and Milan, Intel's before
+# Skylake-SP): every library in it that picks its kernels by the CPU is told to stop at AVX2.
+#
+#     sh bench/avx2_only.sh python bench/train_step.py
+#
+# It is a stand-in, not the other machine: the caches, the memory and the clock stay this CPU's,
+# and MKL still sees an Intel CPU (on AMD's, MKL chooses kernels of its own, for PyTorch's
+# products and ours alike). docs/performance.md, "An AVX2-only stand-in", has the figures.
+#
+#   MKL_ENABLE_INSTRUCTIONS  oneMKL: ours (the mkl extra) and PyTorch's copy inside its build
+#   ATEN_CPU_CAPABILITY      PyTorch's own elementwise and reduction kernels
+#   ONEDNN_MAX_CPU_ISA       oneDNN, which PyTorch calls for some ops
+#   NUMBA_CPU_NAME           the machine code numba compiles our kernels to (cached per CPU name)
+#   OPENBLAS_CORETYPE        the OpenBLAS kernel NumPy's products use
+#   NPY_DISABLE_CPU_FEATURES NumPy's own loops (NumPy 2.4 names its AVX-512 group X86_V4)
+exec env MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+    NUMBA_CPU_NAME=haswell OPENBLAS_CORETYPE=Haswell \
+    NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR" "$@"
