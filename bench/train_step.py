@@ -414,8 +414,9 @@ def main(argv=None) -> None:
     if torch_engine is not None:
         torch_engine.close()
         pairs = np.array(seconds[1]) / np.array(seconds[0])  # PyTorch's time / ours, by round
+        threads = f"{torch_engine.threads} thread" + ("s" if torch_engine.threads != 1 else "")
         print(f"torch_tokens_per_s={tokens / median[1]:.1f}  (PyTorch {torch_engine.version} "
-              f"eager, {torch_engine.threads} threads, in a process of its own)")
+              f"eager, {threads}, in a process of its own)")
         print(ratio_line(pairs))
     if args.profile:
         profile_steps(ours_step, data[args.warmup:], ours_sync)

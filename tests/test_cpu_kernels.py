@@ -571,6 +571,31 @@ def test_a_split_op_runs_its_kernels_on_one_thread():
         assert cpu_kernels.team_threads() == 1
 
 
+def test_omp_num_threads_is_kept_when_the_kernels_join_mkls_team():
+    # starting its OpenMP layer, numba sets the thread count to its own (every core); the user's
+    # OMP_NUM_THREADS=1 must hold for MKL's products and the kernels after that as before. In a
+    # fresh process: the count is read when MKL and numba's layer start.
+    import os
+    import subprocess
+    import sys
+
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one CPU: numba's own count would be one too")
+    code = ("from tinygrad_llm import blas, cpu_kernels\n"
+            "if blas.mkl() is None: print('no MKL')\n"
+            "else: print(cpu_kernels._shares_mkl_team(), cpu_kernels.team_threads(),"
+            " blas.mkl().MKL_Get_Max_Threads())\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MKL_NUM_THREADS", None)
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, check=True).stdout.split()
+    if shown[:2] == ["no", "MKL"] or shown[0] == "False":
+        pytest.skip("the kernels do not run on MKL's team here")
+    assert shown == ["True", "1", "1"]
+
+
 def test_decode_attention_refuses_arrays_that_do_not_fit():
     # the kernel reads and writes by index without checks: the wrapper checks the shapes first
     keys = np.zeros((2, 3, 8, 4), np.float32)

@@ -120,11 +120,19 @@ def _shares_mkl_team() -> bool:
     chosen = numba.config.THREADING_LAYER
     if chosen == "default":  # not chosen by the user (NUMBA_THREADING_LAYER or in code)
         numba.config.THREADING_LAYER = "omp"
+    # Starting its OpenMP layer, numba sets this thread's OpenMP thread count to its own
+    # (NUMBA_NUM_THREADS: every core), over the user's OMP_NUM_THREADS, and MKL follows
+    # OpenMP's count: the count is put back as it was once the layer has started.
+    process = ctypes.CDLL(None)
+    threads = process.omp_get_max_threads() if hasattr(process, "omp_get_max_threads") else 0
     try:
         _start_threads.threaded(np.zeros(1, np.float32))  # a parallel kernel starts the layer
     except (ValueError, ImportError):  # numba: the layer asked for is not available
         numba.config.THREADING_LAYER = chosen
         return False
+    finally:
+        if threads > 0:
+            process.omp_set_num_threads(threads)
     runtimes = [c.filepath for c in ThreadpoolController().select(internal_api="openmp")
                 .lib_controllers if c.prefix == "libiomp"]
     if numba.threading_layer() != "omp" or not runtimes:
