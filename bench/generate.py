@@ -146,7 +146,8 @@ def main(argv=None) -> None:
         print("(PyTorch not installed: no comparison)" if torch is None else
               "(longer than the context: no PyTorch comparison, which does not crop)")
         return
-    threads = f"{torch.get_num_threads()} thread" + ("s" if torch.get_num_threads() != 1 else "")
+    count = torch.get_num_threads()
+    threads = f"{count} thread" + ("s" if count != 1 else "")
     print(f"torch_kv_cache_tokens_per_s={rate['torch']:.2f}  (PyTorch {torch.__version__} eager, "
           f"{threads})")
     print(f"torch same tokens: {tokens['torch'] == tokens['ours']}")
