@@ -4,6 +4,10 @@ Skipped where numba is not installed (``pip install "tinygrad-llm[cpu]"``). The 
 the reference: with ``TINYGRAD_LLM_CPU_KERNELS=0`` (``cpu_kernels.SWITCHED_OFF``) it runs.
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -575,10 +579,6 @@ def test_omp_num_threads_is_kept_when_the_kernels_join_mkls_team():
     # starting its OpenMP layer, numba sets the thread count to its own (every core); the user's
     # OMP_NUM_THREADS=1 must hold for MKL's products and the kernels after that as before. In a
     # fresh process: the count is read when MKL and numba's layer start.
-    import os
-    import subprocess
-    import sys
-
     import numba
 
     if numba.config.NUMBA_NUM_THREADS < 2:

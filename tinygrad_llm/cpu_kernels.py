@@ -42,6 +42,7 @@ from being vectorized -- AdamW's update took 38 ms on 10.7M floats that way, 12 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.util
 import os
@@ -105,8 +106,6 @@ def _shares_mkl_team() -> bool:
     nor where the user chose another layer (``NUMBA_THREADING_LAYER``, ``numba.config``), other
     code started numba's threads first, or its OpenMP calls reach another runtime (GNU's, when
     PyTorch was imported first)."""
-    import ctypes
-
     import numba
     from numba.np.ufunc import parallel
     from threadpoolctl import ThreadpoolController
@@ -142,7 +141,7 @@ def _shares_mkl_team() -> bool:
         return ctypes.cast(library.GOMP_parallel, ctypes.c_void_p).value
 
     # where the process's GOMP_parallel is (where numba's layer found it) vs. Intel's
-    return address(ctypes.CDLL(None)) == address(ctypes.CDLL(runtimes[0]))
+    return address(process) == address(ctypes.CDLL(runtimes[0]))
 
 
 def team_threads() -> int:
@@ -664,8 +663,6 @@ def attention_fits(q, k, v, out, g=None, dq=None, dk=None, dv=None) -> bool:
 @functools.cache
 def _gemm_address(dtype) -> int:
     """The address of MKL's cblas_sgemm (float32) or cblas_dgemm (float64)."""
-    import ctypes
-
     from tinygrad_llm import blas
 
     function = blas.mkl().cblas_sgemm if dtype == np.float32 else blas.mkl().cblas_dgemm
