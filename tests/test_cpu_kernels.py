@@ -259,6 +259,47 @@ def test_attention_kernels_where_they_run_and_where_not(case, monkeypatch):
     assert bool(ran) == (case == "threaded")
 
 
+@settings(deadline=None, max_examples=40)
+@given(queries=st.integers(1, 40), extra_keys=st.integers(0, 5), rows=st.sampled_from([1, 3, 32]),
+       add=st.booleans(), seed=st.integers(0, 1000))
+def test_attention_kernels_in_blocks_of_queries_equal_the_formulas(queries, extra_keys, rows,
+                                                                   add, seed):
+    # the kernels take a (sequence, head)'s queries in blocks of ATTENTION_BLOCK_ROWS, each
+    # multiplied by only the keys its last query sees: against the formulas in NumPy (float64),
+    # with keys before the queries (query r sees keys 0..r + extra_keys), blocks that do not
+    # divide the queries, and dk, dv added to
+    if not _attention_kernels_run():
+        pytest.skip("needs MKL (the attention kernels call its products)")
+    rng = np.random.default_rng(seed)
+    keys, width = queries + extra_keys, 4
+    q = rng.standard_normal((2, 2, queries, width)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 2, keys, width)).astype(np.float32) for _ in range(2))
+    g = rng.standard_normal(q.shape).astype(np.float32)
+    before_k, before_v = (rng.standard_normal(k.shape).astype(np.float32) for _ in range(2))
+    probs, out = np.full((2, 2, queries, keys), np.nan, np.float32), np.empty_like(q)
+    dq, dk, dv = np.full_like(q, np.nan), before_k.copy(), before_v.copy()
+    original = cpu_kernels.ATTENTION_BLOCK_ROWS
+    try:
+        cpu_kernels.ATTENTION_BLOCK_ROWS = rows
+        cpu_kernels.attention_forward(q, k, v, probs, out, extra_keys)
+        cpu_kernels.attention_backward(q, k, v, probs, out, g, dq, dk, dv, 0.5, add=add,
+                                       diagonal=extra_keys)
+    finally:
+        cpu_kernels.ATTENTION_BLOCK_ROWS = original
+    q64, k64, v64, g64 = (a.astype(np.float64) for a in (q, k, v, g))
+    scores = q64 @ k64.swapaxes(-1, -2)
+    seen = np.arange(keys) <= np.arange(queries)[:, None] + extra_keys
+    scores = np.where(seen, scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = p @ v64
+    ds = p * (g64 @ v64.swapaxes(-1, -2) - (g64 * o).sum(-1, keepdims=True))
+    expected = [p, o, 0.5 * ds @ k64, ds.swapaxes(-1, -2) @ q64 + (before_k if add else 0),
+                p.swapaxes(-1, -2) @ g64 + (before_v if add else 0)]
+    for got, want in zip([probs, out, dq, dk, dv], expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_attention_kernels_refuse_arrays_that_do_not_fit():
     # the kernels index without checks and BLAS reads by address: the wrappers check first
     if not _attention_kernels_run():
@@ -280,11 +321,12 @@ def test_attention_kernels_refuse_arrays_that_do_not_fit():
         with pytest.raises(ValueError, match="do not fit"):
             cpu_kernels.attention_forward(**(fine | bad), diagonal=2)
     grads = dict(g=q, dq=q.copy(), dk=kv.copy(), dv=kv.copy())
-    cpu_kernels.attention_backward(**fine, **grads, scale=0.5, add=False)
+    cpu_kernels.attention_backward(**fine, **grads, scale=0.5, add=False, diagonal=2)
     for bad in [dict(dk=q.copy()), dict(g=kv), dict(dq=q[:, :, :4]), dict(dv=grads["dk"]),
                 dict(dq=fine["out"])]:
         with pytest.raises(ValueError, match="do not fit"):
-            cpu_kernels.attention_backward(**fine, **(grads | bad), scale=0.5, add=True)
+            cpu_kernels.attention_backward(**fine, **(grads | bad), scale=0.5, add=True,
+                                           diagonal=2)
 
 
 def test_causal_softmax_kernel_zeroes_what_a_query_may_not_see():
@@ -525,7 +567,8 @@ def _each_kernel(rng, dtype):
         probs, out = np.empty((2, 4, 130, 130), dtype), np.empty_like(view)
         cpu_kernels.attention_forward(view, k, v, probs, out, 0)
         dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-        cpu_kernels.attention_backward(view, k, v, probs, out, g4, dq, dk, dv, 0.2, add=False)
+        cpu_kernels.attention_backward(view, k, v, probs, out, g4, dq, dk, dv, 0.2, add=False,
+                                       diagonal=0)
         return [probs, out, dq, dk, dv]
 
     kernels = [("layer_norm", layer_norm), ("softmax", softmax), ("gelu", gelu),

@@ -150,6 +150,61 @@ def test_a_leaf_filled_from_slices_owns_its_gradient(device):
     np.testing.assert_array_equal(backend.to_numpy(x.grad), [[10, 10, 10], [0, 0, 0]])
 
 
+def test_slice_gradients_that_already_lie_in_one_array_are_taken_as_they_are(device):
+    # concatenate's backward hands x[0] and x[1] views of one array, each where its slice lies
+    # in x: on the CPU the walk takes that array as x's gradient instead of copying the parts
+    # into a new one. It is also the array Add hands to y, so x's .grad must still be its own
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal(6)
+    x = Tensor(np.ones((2, 3)), requires_grad=True, device=device)
+    y = Tensor(np.ones(6), requires_grad=True, device=device)
+    taken = []
+    dense = SliceGrad.dense
+
+    def watching(self):
+        grad = dense(self)
+        taken.append(self.in_place is not None)
+        return grad
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SliceGrad, "dense", watching)
+        ((F.concatenate([x[0], x[1]]) + y) * Tensor(w, device=device)).sum().backward()
+    assert taken == [device == "cpu"]
+    x.grad *= 10
+    np.testing.assert_allclose(backend.to_numpy(y.grad), w, rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(x.grad), 10 * w.reshape(2, 3), rtol=1e-12)
+
+
+@pytest.mark.parametrize("linear_first", [True, False])
+def test_fresh_gradients_are_kept_without_a_copy_and_never_shared(device, linear_first):
+    # Linear's dx, dW and db are new arrays (Function.fresh_grads): W's becomes W.grad as it is,
+    # and x's is where the gradient of x's other use is added -- that one came from Add, which
+    # hands the same array to z, so it must not be the one added into
+    rng = np.random.default_rng(6)
+    xd, zd, v, u = (rng.standard_normal(shape) for shape in [(4, 3), (4, 3), (4, 2), (4, 3)])
+    wd, bd = rng.standard_normal((3, 2)), rng.standard_normal(2)
+    x, z, w, b = (Tensor(a, requires_grad=True, device=device) for a in (xd, zd, wd, bd))
+    returned = []
+    linear_backward = F.Linear.backward
+
+    def watching(self, g):
+        grads = linear_backward(self, g)
+        returned.extend(grads)
+        return grads
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F.Linear, "backward", watching)
+        through_linear = (F.linear(x, w, b) * Tensor(v, device=device)).sum()
+        through_add = ((x + z) * Tensor(u, device=device)).sum()
+        (through_linear + through_add if linear_first else through_add + through_linear
+         ).backward()
+    assert w.grad is returned[1] and b.grad is returned[2]
+    np.testing.assert_allclose(backend.to_numpy(x.grad), v @ wd.T + u, rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(z.grad), u, rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(w.grad), xd.T @ v, rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(b.grad), v.sum(0), rtol=1e-12)
+
+
 def test_no_grad_records_nothing(device):
     x = Tensor(np.ones(3), requires_grad=True, device=device)
     with no_grad():

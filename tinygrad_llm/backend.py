@@ -305,18 +305,23 @@ def parallel_batches(body, *arrays, work: int | None = None) -> None:
     _split(body, arrays, len(arrays[0]), arrays[0].size if work is None else work)
 
 
-def add(a, b):
-    """a + b for arrays. Two large arrays of one shape and float dtype, C-contiguous, on the CPU
-    with the compiled kernels: summed by ``cpu_kernels.add``, on the team of threads where
-    NumPy's ``+`` runs on one -- the residual stream's sums in the forward, and in the backward
-    the gradients that meet where it forks. The same sums either way (one addition each)."""
+def add(a, b, out=None):
+    """a + b for arrays, into ``out`` if given (which may be ``a``: a += b). Two large arrays of
+    one shape and float dtype, C-contiguous, on the CPU with the compiled kernels: summed by
+    ``cpu_kernels.add``, on the team of threads where NumPy's ``+`` runs on one -- the residual
+    stream's sums in the forward, and in the backward the gradients that meet where it forks.
+    The same sums either way (one addition each)."""
     if (a.shape == b.shape and a.dtype == b.dtype
             and a.size >= cpu_kernels.PARALLEL_MIN_ELEMENTS
-            and cpu_kernels.enabled(get_array_module(a), a, b)):
-        out = np.empty_like(a)
+            and cpu_kernels.enabled(get_array_module(a), a, b, *(() if out is None else (out,)))
+            and (out is None or (out.shape, out.dtype) == (a.shape, a.dtype))):
+        out = np.empty_like(a) if out is None else out
         cpu_kernels.add(a, b, out)
         return out
-    return a + b
+    if out is None:
+        return a + b
+    get_array_module(a).add(a, b, out=out)
+    return out
 
 
 def matmul(a, b, out=None, bias=None):

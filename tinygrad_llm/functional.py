@@ -355,6 +355,8 @@ class Linear(Function):
     W and b (float32 master weights get float32 gradients).
     """
 
+    fresh_grads = True  # dx, dW and db: new arrays (products and sums)
+
     def forward(self, x, weight, bias=None, *, compute_dtype=None):
         self.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         if compute_dtype is not None:

@@ -290,6 +290,8 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets, bias: Tensor | None
 
 # ======================================================================= embedding
 class Embedding(Function):
+    fresh_grads = True  # the table's gradient: a new array
+
     def forward(self, weight, ids):
         self.ids, self.weight_shape, self.dtype = ids, weight.shape, weight.dtype
         return weight[ids]  # gather rows: (B, T) ids -> (B, T, C)
@@ -321,6 +323,8 @@ def embedding(ids, weight: Tensor) -> Tensor:
 # =================================================================== normalization
 class LayerNorm(Function):
     """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis."""
+
+    fresh_grads = True  # dx, dw and db: new arrays
 
     def forward(self, x, weight, bias=None, eps=1e-5):
         xp = get_xp(x)
@@ -504,6 +508,7 @@ class ScaledDotProductAttention(Function):
         if (xp is np and q.shape[-2] == 1 and dropout_p == 0 and not any(self.needs_input_grad)
                 and q.dtype == k.dtype == v.dtype and (mask is None or mask.dtype == q.dtype)):
             return _one_query_attention(q, k, v, None if mask_is_causal else mask, scale)
+        self.given = q, k, v  # as they came (views of one qkv array, in a GPT)
         q = q * scale  # scaling q (T x D) is cheaper than scaling the scores (T x T)
         # float16 scores (mixed precision) meet a float32 mask: the softmax runs in float32,
         # where the mask's minimum exists, as PyTorch's autocast runs softmax in float32
@@ -590,7 +595,7 @@ class ScaledDotProductAttention(Function):
         if self.flash:  # the same formulas, p recomputed from the saved lse, tile by tile
             return cuda_kernels.flash_attention_backward(q, k, v, self.out, self.lse, g,
                                                          self.scale)
-        dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
+        dq, dk, dv = _empty_like_views(*self.given)  # laid out as q, k and v were
         if xp is not np:  # NumPy's BLAS reads g as it is (from (B, Tq, H D) in a GPT: strided)
             g = xp.ascontiguousarray(g)
 
@@ -625,7 +630,8 @@ class ScaledDotProductAttention(Function):
                                                probs, self.out[..., rows, :], g[..., rows, :],
                                                dq[..., rows, :], dk[..., keys, :],
                                                dv[..., keys, :], self.scale,
-                                               add=q1 != self.blocks[-1][1])
+                                               add=q1 != self.blocks[-1][1],
+                                               diagonal=q0 + k.shape[-2] - q.shape[-2])
                 continue
             keep = [] if self.keep is None else [self.keep[..., rows, keys]]
             backend.parallel_batches(functools.partial(sequences, add=q1 != self.blocks[-1][1]),
@@ -633,6 +639,24 @@ class ScaledDotProductAttention(Function):
                                      self.out[..., rows, :], g[..., rows, :], dq[..., rows, :],
                                      dk[..., keys, :], dv[..., keys, :], *keep, work=probs.size)
         return dq, dk, dv
+
+
+def _empty_like_views(*arrays):
+    """Empty arrays of the shapes of ``arrays``. When those are views of one C-contiguous NumPy
+    array that do not overlap -- attention's q, k and v, cut from the qkv projection in a GPT --
+    the new ones are views of one new array, at the same places and strides: the gradients of q,
+    k and v then lie side by side as the gradient of qkv does, and the backward walk takes that
+    array as it is instead of copying the three into it (``SliceGrad.dense``). Otherwise, arrays
+    of their own (``empty_like``: in each one's memory order)."""
+    base = arrays[0].base
+    if (get_xp(arrays[0]) is np and base is not None and base.flags.c_contiguous
+            and all(a.base is base and a.dtype == base.dtype for a in arrays)
+            and all(cpu_kernels.apart(a, b) for i, a in enumerate(arrays)
+                    for b in arrays[i + 1:])):
+        new, start = np.empty_like(base), base.ctypes.data
+        return [np.ndarray(a.shape, a.dtype, new, a.ctypes.data - start, a.strides)
+                for a in arrays]
+    return [get_xp(a).empty_like(a) for a in arrays]
 
 
 def _one_query_attention(q, k, v, mask, scale):

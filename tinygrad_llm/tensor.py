@@ -22,6 +22,7 @@ library goes one way, downwards (fused.py, for one, imports this module and neve
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 
@@ -82,6 +83,7 @@ class SliceGrad:
     def __init__(self, shape: tuple, dtype, index, values, order=None):
         self.shape, self.dtype = shape, dtype
         self.parts = [(index, values)]  # (index, values) of each slice, in arrival order
+        self.in_place = None  # set by ``dense``: the array the parts already lay in, if any
         self.order = tuple(range(len(shape))) if order is None else tuple(order)
 
     def join(self, other: SliceGrad) -> SliceGrad:
@@ -90,8 +92,13 @@ class SliceGrad:
         return self
 
     def dense(self):
+        """The gradient as one array of x's shape. It is a new array, unless the parts already
+        lie in one (``in_place``): then that array, which other code may also hold."""
         xp = backend.get_array_module(self.parts[0][1])
         tiles = self._tiles_first_axis()
+        self.in_place = self._parts_in_place() if tiles and xp is np else None
+        if self.in_place is not None:
+            return self.in_place
         allocate = xp.empty if tiles else xp.zeros  # every position written, or zeros between
         in_memory = allocate(tuple(self.shape[axis] for axis in self.order), dtype=self.dtype)
         grad = in_memory.transpose(tuple(np.argsort(self.order)))  # axes back in x's order
@@ -100,6 +107,25 @@ class SliceGrad:
                 grad[index] = values
             else:  # parts may overlap: they add up
                 grad[index] += values
+        return grad
+
+    def _parts_in_place(self):
+        """When the parts are views of one C-contiguous array and each already lies where
+        ``dense`` would write it: that array, seen in x's shape; else None. Attention's backward
+        writes the gradients of q, k and v so (``fused._empty_like_views``): the gradient of the
+        qkv projection is then not copied together from three arrays."""
+        base = self.parts[0][1].base
+        in_memory = tuple(self.shape[axis] for axis in self.order)
+        if (base is None or base.dtype != self.dtype or not base.flags.c_contiguous
+                or base.size != math.prod(in_memory)):
+            return None
+        grad = base.reshape(in_memory).transpose(tuple(np.argsort(self.order)))
+        for index, values in self.parts:
+            place = grad[index]
+            if (values.base is not base or place.shape != values.shape
+                    or place.strides != values.strides
+                    or place.ctypes.data != values.ctypes.data):
+                return None
         return grad
 
     def _tiles_first_axis(self) -> bool:
@@ -129,8 +155,8 @@ def _add_gradients(total, new, owned: set):
     hand the same array to several inputs."""
     if isinstance(total, SliceGrad) and isinstance(new, SliceGrad):
         return total.join(new)  # made dense once, when the walk reaches the tensor
-    if isinstance(total, SliceGrad):
-        total, new = new, total  # the full array first
+    if isinstance(total, SliceGrad) or (id(new) in owned and id(total) not in owned):
+        total, new = new, total  # the full array first, one this walk may add into if any
     if id(total) not in owned:
         if not isinstance(new, SliceGrad):
             total = backend.add(total, new)
@@ -142,7 +168,7 @@ def _add_gradients(total, new, owned: set):
         for index, values in new.parts:
             total[index] += values
     else:
-        total += new
+        backend.add(total, new, out=total)  # total += new
     return total
 
 
@@ -158,6 +184,9 @@ class Function:
 
     inputs: tuple = ()
     needs_input_grad: tuple = ()
+    # True where every gradient ``backward`` returns is a new array that nothing else holds:
+    # the walk may then keep it as a leaf's ``.grad`` and add into it without copying it first
+    fresh_grads: bool = False
 
     def forward(self, *arrays, **params):
         raise NotImplementedError
@@ -329,10 +358,11 @@ class Tensor:
             grad = grads.pop(id(node), None)
             if grad is None:
                 continue
-            ours = isinstance(grad, SliceGrad) or id(grad) in owned
+            ours = id(grad) in owned
             owned.discard(id(grad))
             if isinstance(grad, SliceGrad):
-                grad = grad.dense()
+                sliced, grad = grad, grad.dense()
+                ours = sliced.in_place is None  # a new array, unless the parts lay in one
             if node._ctx is None:  # a leaf: accumulate into .grad
                 grad = grad.astype(node.dtype, copy=False)
                 if node.grad is None:  # own it: a backward's `grad` may alias another's
@@ -348,12 +378,18 @@ class Tensor:
                 if input_grad is None or not tensor.requires_grad:
                     continue
                 if not isinstance(input_grad, SliceGrad):  # (a SliceGrad has x's shape and dtype)
+                    returned = input_grad
                     input_grad = unbroadcast(input_grad, tensor.shape)
                     if input_grad.dtype != tensor.dtype:  # a gradient has its tensor's dtype
                         input_grad = input_grad.astype(tensor.dtype)  # (float32 meets float16)
+                    if ctx.fresh_grads or input_grad is not returned:  # a new array: ours
+                        owned.add(id(input_grad))
                 key = id(tensor)
                 if key in grads:
-                    grads[key] = _add_gradients(grads[key], input_grad, owned)
+                    total = _add_gradients(grads[key], input_grad, owned)
+                    if total is not input_grad:  # added into the other one, or into a new one
+                        owned.discard(id(input_grad))
+                    grads[key] = total
                 else:
                     grads[key] = input_grad
             if not retain_graph:
