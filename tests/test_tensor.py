@@ -205,6 +205,25 @@ def test_fresh_gradients_are_kept_without_a_copy_and_never_shared(device, linear
     np.testing.assert_allclose(backend.to_numpy(b.grad), v.sum(0), rtol=1e-12)
 
 
+def test_attention_inputs_that_are_broadcast_views_get_gradients_of_their_own(device):
+    # q, k and v views of one array, k broadcast over the heads (a zero stride): its gradient
+    # must not be laid out where k lies (every head would write one cell), as in a plain copy
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((3, 1, 2, 3, 4))
+    views = [base[0], np.ndarray((1, 2, 3, 4), base.dtype, base, base[1].ctypes.data
+                                 - base.ctypes.data, (base.strides[1], 0) + base.strides[3:]),
+             base[2]]  # (the middle one a view whose base is ``base`` itself)
+    plain = [np.array(view) for view in views]
+    g = rng.standard_normal((1, 2, 3, 4))
+    grads = []
+    for arrays in (views, plain):
+        tensors = [Tensor(a, requires_grad=True, device=device) for a in arrays]
+        F.scaled_dot_product_attention(*tensors, causal=True).backward(Tensor(g, device=device))
+        grads.append([backend.to_numpy(t.grad) for t in tensors])
+    for got, want in zip(*grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
 def test_no_grad_records_nothing(device):
     x = Tensor(np.ones(3), requires_grad=True, device=device)
     with no_grad():

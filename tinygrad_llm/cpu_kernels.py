@@ -739,7 +739,7 @@ def _check_attention(q, k, v, probs, out, reads, writes, *backward) -> None:
     fits = (attention_fits(q, k, v, out, *backward)
             and probs.shape == q.shape[:3] + k.shape[2:3] and probs.flags.c_contiguous
             and probs.dtype == q.dtype
-            and all(a.flags.writeable and _matrices_apart(a) for a in writes)
+            and all(a.flags.writeable and elements_apart(a) for a in writes)
             and all(apart(a, b) for i, a in enumerate(writes) for b in reads + writes[:i]))
     if not fits:
         raise ValueError(f"attention kernels: q {q.shape}, k {k.shape}, v {v.shape}, probs "
@@ -761,7 +761,7 @@ def apart(a, b) -> bool:
         return False
 
 
-def _matrices_apart(x) -> bool:
+def elements_apart(x) -> bool:
     """Whether no two elements of x share memory: each axis, from the smallest step up, steps
     past everything the smaller ones span (a sufficient test; axes of length 1 are never
     stepped)."""

@@ -649,8 +649,9 @@ def _empty_like_views(*arrays):
     array as it is instead of copying the three into it (``SliceGrad.dense``). Otherwise, arrays
     of their own (``empty_like``: in each one's memory order)."""
     base = arrays[0].base
-    if (get_xp(arrays[0]) is np and base is not None and base.flags.c_contiguous
-            and all(a.base is base and a.dtype == base.dtype for a in arrays)
+    if (get_xp(arrays[0]) is np and isinstance(base, np.ndarray) and base.flags.c_contiguous
+            and all(a.base is base and a.dtype == base.dtype and cpu_kernels.elements_apart(a)
+                    for a in arrays)  # (a broadcast view would give its gradient one cell)
             and all(cpu_kernels.apart(a, b) for i, a in enumerate(arrays)
                     for b in arrays[i + 1:])):
         new, start = np.empty_like(base), base.ctypes.data

@@ -116,7 +116,8 @@ class SliceGrad:
         qkv projection is then not copied together from three arrays."""
         base = self.parts[0][1].base
         in_memory = tuple(self.shape[axis] for axis in self.order)
-        if (base is None or base.dtype != self.dtype or not base.flags.c_contiguous
+        if (not isinstance(base, np.ndarray) or base.dtype != self.dtype
+                or not base.flags.c_contiguous
                 or base.size != math.prod(in_memory)):
             return None
         grad = base.reshape(in_memory).transpose(tuple(np.argsort(self.order)))
