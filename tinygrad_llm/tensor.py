@@ -152,8 +152,9 @@ def memory_order(x) -> tuple:
 
 def _add_gradients(total, new, owned: set):
     """total + new, two gradients of one tensor (arrays or ``SliceGrad``s). Adds in place into an
-    array this walk made (its id in ``owned``), never into one a backward returned: a backward may
-    hand the same array to several inputs."""
+    array that nothing else holds (its id in ``owned``: made by this walk, or returned by a
+    Function with ``fresh_grads``), never into any other a backward returned: a backward may hand
+    the same array to several inputs."""
     if isinstance(total, SliceGrad) and isinstance(new, SliceGrad):
         return total.join(new)  # made dense once, when the walk reaches the tensor
     if isinstance(total, SliceGrad) or (id(new) in owned and id(total) not in owned):
@@ -354,7 +355,7 @@ class Tensor:
                 raise ValueError(f"grad has shape {grad.shape}, expected {self.shape}")
 
         grads = {id(self): grad}  # gradient of each node seen so far, summed over its uses
-        owned = set()  # ids of the arrays in `grads` that this walk made (free to add into)
+        owned = set()  # ids of the arrays in `grads` that nothing else holds (free to add into)
         for node in reversed(self._topological_order()):  # every consumer before its inputs
             grad = grads.pop(id(node), None)
             if grad is None:
