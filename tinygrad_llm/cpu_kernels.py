@@ -557,6 +557,8 @@ NO_TRANSPOSE, TRANSPOSE = 111, 112  # CBLAS's enums
 # 64 from 192 queries on). Against whole rows, 6 x 384's attention (blocks of 128 queries, up
 # to 256 keys) took 0.916-0.934x the time with 64, 0.926-0.955x with 32; the baby's (64
 # queries) 0.99-1.00x with 32: what 32 saves in arithmetic, the twice as many calls cost.
+# (These blocks lie inside the op's own causal blocks, ``fused.CAUSAL_BLOCK_ROWS`` = 128
+# queries, each one kernel call with its own array of probabilities.)
 ATTENTION_BLOCK_ROWS = 64
 
 
@@ -623,7 +625,8 @@ def _attention_backward_pairs(probs, q, k, v, out, g, dq, dk, dv, scale, beta, d
                     for d in range(width):
                         dk[b, h, j, d] = 0
                         dv[b, h, j, d] = 0
-            block_p, block_ds = p.ctypes.data + r0 * p.strides[0], ds[r0:].ctypes.data
+            block_p = p.ctypes.data + r0 * p.strides[0]  # rows r0 .. r1 - 1 of P and of dS
+            block_ds = ds.ctypes.data + r0 * ds.strides[0]
             block_q, block_g = _at(q, b, h) + r0 * q_step, _at(g, b, h) + r0 * g_step
             _gemm(gemm_address, TRANSPOSE, NO_TRANSPOSE, seen, width, r1 - r0,  # dv (+)= P^T g
                   one, block_p, keys, block_g, _leading(g),
@@ -711,7 +714,9 @@ def attention_backward(q, k, v, probs, out, g, dq, dk, dv, scale: float, add: bo
     """The gradients of ``attention_forward`` for the upstream g (B, H, Tq, D): dq[...] =
     scale dS k, and dk, dv (B, H, Tk, D) written (``add``: added to) with dS^T q and P^T g,
     where dS = P * (g v^T - rowsum(g * out)) -- ``fused.ScaledDotProductAttention.backward``'s
-    formulas, one kernel call."""
+    formulas, one kernel call. ``probs`` and ``diagonal`` as ``attention_forward`` wrote and
+    took them (zeros beyond each query's keys: the blocks of queries read only the keys their
+    last query sees)."""
     _check_attention(q, k, v, probs, out, (q, k, v, probs, out, g), (dq, dk, dv), g, dq, dk, dv)
     scalar = q.dtype.type
     _on_team_or_alone(_attention_backward_pairs, probs, q, k, v, out, g, dq, dk, dv,

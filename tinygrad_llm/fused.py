@@ -488,7 +488,8 @@ class ScaledDotProductAttention(Function):
     Saves the scaled queries, k, v, the attention probabilities P (B, H, Tq, Tk) -- one array
     per block of queries when causal blocks skip the hidden keys -- the output and, with
     dropout, the scaled keep mask (B, H, Tq, Tk): exactly what the backward needs, and no
-    score matrix besides.
+    score matrix besides. When q, k and v are views of one array, those views too (no memory
+    of their own): the backward lays their gradients out as they lie.
     """
 
     def forward(self, q, k, v, mask, dropout_p, device, mask_is_causal=False):
@@ -508,7 +509,10 @@ class ScaledDotProductAttention(Function):
         if (xp is np and q.shape[-2] == 1 and dropout_p == 0 and not any(self.needs_input_grad)
                 and q.dtype == k.dtype == v.dtype and (mask is None or mask.dtype == q.dtype)):
             return _one_query_attention(q, k, v, None if mask_is_causal else mask, scale)
-        self.given = q, k, v  # as they came (views of one qkv array, in a GPT)
+        # q, k and v as they came, when they are views of one array (a GPT's qkv): the backward
+        # lays their gradients out the same way (held only then: k and v keep that array
+        # alive anyway, where a q of its own would be one more array kept until the backward)
+        self.given = (q, k, v) if _views_of_one_array(q, k, v) else None
         q = q * scale  # scaling q (T x D) is cheaper than scaling the scores (T x T)
         # float16 scores (mixed precision) meet a float32 mask: the softmax runs in float32,
         # where the mask's minimum exists, as PyTorch's autocast runs softmax in float32
@@ -595,7 +599,10 @@ class ScaledDotProductAttention(Function):
         if self.flash:  # the same formulas, p recomputed from the saved lse, tile by tile
             return cuda_kernels.flash_attention_backward(q, k, v, self.out, self.lse, g,
                                                          self.scale)
-        dq, dk, dv = _empty_like_views(*self.given)  # laid out as q, k and v were
+        if self.given is not None:  # laid out as q, k and v were: one array, as qkv's
+            dq, dk, dv = _empty_like_views(*self.given)
+        else:
+            dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
         if xp is not np:  # NumPy's BLAS reads g as it is (from (B, Tq, H D) in a GPT: strided)
             g = xp.ascontiguousarray(g)
 
@@ -641,23 +648,26 @@ class ScaledDotProductAttention(Function):
         return dq, dk, dv
 
 
-def _empty_like_views(*arrays):
-    """Empty arrays of the shapes of ``arrays``. When those are views of one C-contiguous NumPy
-    array that do not overlap -- attention's q, k and v, cut from the qkv projection in a GPT --
-    the new ones are views of one new array, at the same places and strides: the gradients of q,
-    k and v then lie side by side as the gradient of qkv does, and the backward walk takes that
-    array as it is instead of copying the three into it (``SliceGrad.dense``). Otherwise, arrays
-    of their own (``empty_like``: in each one's memory order)."""
+def _views_of_one_array(*arrays) -> bool:
+    """Whether ``arrays`` are views of one C-contiguous NumPy array, each with its elements
+    apart (no broadcast axis) and none overlapping another: attention's q, k and v, cut from
+    the qkv projection in a GPT."""
     base = arrays[0].base
-    if (get_xp(arrays[0]) is np and isinstance(base, np.ndarray) and base.flags.c_contiguous
+    return (get_xp(arrays[0]) is np and isinstance(base, np.ndarray) and base.flags.c_contiguous
             and all(a.base is base and a.dtype == base.dtype and cpu_kernels.elements_apart(a)
-                    for a in arrays)  # (a broadcast view would give its gradient one cell)
+                    for a in arrays)
             and all(cpu_kernels.apart(a, b) for i, a in enumerate(arrays)
-                    for b in arrays[i + 1:])):
-        new, start = np.empty_like(base), base.ctypes.data
-        return [np.ndarray(a.shape, a.dtype, new, a.ctypes.data - start, a.strides)
-                for a in arrays]
-    return [get_xp(a).empty_like(a) for a in arrays]
+                    for b in arrays[i + 1:]))
+
+
+def _empty_like_views(*arrays):
+    """For views of one array (``_views_of_one_array``): empty views of one new array of its
+    shape, at the same places and strides. The gradients of q, k and v then lie side by side as
+    the gradient of qkv does, and the backward walk takes that array as it is instead of
+    copying the three into it (``SliceGrad.dense``)."""
+    base = arrays[0].base
+    new, start = np.empty_like(base), base.ctypes.data
+    return [np.ndarray(a.shape, a.dtype, new, a.ctypes.data - start, a.strides) for a in arrays]
 
 
 def _one_query_attention(q, k, v, mask, scale):
